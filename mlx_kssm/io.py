@@ -1,0 +1,118 @@
+"""Saving and loading models: a folder with ``config.json`` (sorted keys) + ``model.safetensors``.
+
+``load`` also accepts a training run folder (``kssm train --out RUN``): it then loads the newest
+checkpoint's weights, and ``RUN/best`` holds the best ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .config import ModelArgs
+from .models import build_model
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class ModelFolderError(ValueError):
+    """A path that does not hold a model; the message says what to do."""
+
+
+def is_model_folder(path: Path) -> bool:
+    return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest first (names are step_<zero-padded step>)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and is_model_folder(p))
+
+
+def resolve_model_folder(path: str | os.PathLike) -> Path:
+    """A model folder, or a run folder's newest checkpoint. Raises ModelFolderError."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFolderError(f"{path} does not exist; pass a model folder or a run folder")
+    if is_model_folder(path):
+        return path
+    ckpts = checkpoint_dirs(path)
+    if ckpts:
+        return ckpts[-1]
+    if is_model_folder(path / "best"):
+        return path / "best"
+    raise ModelFolderError(
+        f"{path} is not a model: expected {CONFIG_NAME} + {WEIGHTS_NAME}, or a run folder "
+        f"with {CHECKPOINTS_DIR}/step_*/ (use `kssm convert` for PyTorch .pt files)"
+    )
+
+
+def read_config(folder: Path) -> ModelArgs:
+    try:
+        return ModelArgs.from_dict(json.loads((Path(folder) / CONFIG_NAME).read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as err:
+        raise ModelFolderError(f"cannot read {Path(folder) / CONFIG_NAME}: {err}") from None
+
+
+def load(path: str | os.PathLike, strict: bool = True):
+    """Load a model (in eval mode) from a model folder or a run folder."""
+    folder = resolve_model_folder(path)
+    args = read_config(folder)
+    model = build_model(args)
+    weights = model.sanitize(mx.load(str(folder / WEIGHTS_NAME)))
+    try:
+        model.load_weights(list(weights.items()), strict=strict)
+    except ValueError as err:
+        raise ModelFolderError(f"{folder}: weights do not fit the config: {err}") from None
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def write_model_files(model, folder: Path, dtype: mx.Dtype | None = None) -> None:
+    """Write config.json + model.safetensors into an existing folder (no atomicity)."""
+    weights = dict(tree_flatten(model.parameters()))
+    if dtype is not None:
+        weights = {k: v.astype(dtype) for k, v in weights.items()}
+    mx.save_safetensors(str(folder / WEIGHTS_NAME), weights, metadata={"format": "mlx"})
+    config = model.args.to_dict()
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_folder(target: Path) -> Path:
+    """A fresh temporary folder beside ``target``, for write-then-rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+
+
+def replace_folder(tmp: Path, target: Path) -> None:
+    """Move a finished temporary folder onto ``target``; the old one is removed only after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save(model, path: str | os.PathLike, dtype: mx.Dtype | None = None) -> Path:
+    """Save ``model`` to the folder ``path`` (written to a temporary name, then renamed)."""
+    target = Path(path)
+    tmp = atomic_folder(target)
+    try:
+        write_model_files(model, tmp, dtype)
+        replace_folder(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
