@@ -57,3 +57,61 @@ def model_args_for(preset: str, **overrides: Any) -> ModelArgs:
     if preset not in MODEL_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
     return ModelArgs.from_dict({**MODEL_PRESETS[preset], **overrides})
+
+
+@dataclass
+class TrainArgs:
+    """The training recipe (spec: "Training recipe"); every field is also a `kssm train` flag."""
+
+    preset: str = "published"  # model + schedule preset: published | small | tiny
+    data: str = "wikitext-103-raw-v1"  # folder with train.txt/valid.txt, files, or a hub dataset
+    out: str = "runs/kssm"  # run folder: checkpoints, best/, metrics.jsonl, train_config.json
+    steps: int = 100_000  # optimizer updates in total (the cosine reaches 0 here)
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 2  # micro-batches per update
+    seq_length: int = 512  # tokens per training window (windows are seq_length + 1 long)
+    lr: float = 4e-4  # peak learning rate
+    warmup: int = 1_000  # linear warmup steps
+    schedule: str = "cosine"  # "cosine" (warmup then cosine to 0) or "constant" (after warmup)
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on every parameter
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # global gradient-norm clip
+    lambda_reg: float | None = None  # weight of the regulariser; None = 0.5 bistable, 0.0 mono
+    eval_every: int = 500  # steps between evaluations
+    eval_batches: int = 20  # fixed validation batches per evaluation
+    save_every: int = 1_000  # steps between checkpoints
+    keep_last: int = 3  # rolling checkpoints kept (best/ is kept apart)
+    seed: int = 42  # model init, data order and phase noise all derive from it
+    sample_tokens: int = 48  # length of the text sample printed at each evaluation
+    max_nonfinite: int = 5  # stop after this many non-finite steps in a row
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> "TrainArgs":
+        known = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in params.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Schedules and batch sizes that fit each model preset: a 300-step run must not spend its
+# life in a 1,000-step warmup.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "published": {},
+    "small": dict(
+        steps=5_000, batch_size=8, grad_accum=1, seq_length=256, lr=1e-3, warmup=200,
+        eval_every=250, eval_batches=8, save_every=500,
+    ),
+    "tiny": dict(
+        steps=300, batch_size=8, grad_accum=1, seq_length=128, lr=3e-3, warmup=30,
+        eval_every=50, eval_batches=4, save_every=100,
+    ),
+}
+
+
+def train_args_for(preset: str, **overrides: Any) -> TrainArgs:
+    if preset not in TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(TRAIN_PRESETS)}")
+    return TrainArgs.from_dict({**TRAIN_PRESETS[preset], "preset": preset, **overrides})
