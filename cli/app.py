@@ -29,9 +29,7 @@ app.command("convert", help="Convert a PyTorch K-SSM v3 checkpoint (no torch nee
 app.command("compare", help="Compare two models on the same prompts (Phase-Mamba baseline).")(
     cmd_experiments.compare
 )
-app.command("plot", help="Draw a training run's figures (loss, R and u per layer).")(
-    cmd_train.plot
-)
+app.command("plot", help="Draw a training run's figures (loss, R and u per layer).")(cmd_train.plot)
 
 
 def main() -> None:

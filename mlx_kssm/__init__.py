@@ -4,5 +4,5 @@ from .config import ModelArgs
 from .io import load, save
 from .models.v3 import Model
 
-__all__ = ["ModelArgs", "Model", "load", "save"]
+__all__ = ["Model", "ModelArgs", "load", "save"]
 __version__ = "0.1.0"

@@ -43,7 +43,9 @@ def save_training_checkpoint(
     tmp = atomic_folder(target)
     try:
         write_model_files(model, tmp)
-        flat = dict(tree_flatten(optimizer_state)) if _is_nested(optimizer_state) else optimizer_state
+        flat = (
+            dict(tree_flatten(optimizer_state)) if _is_nested(optimizer_state) else optimizer_state
+        )
         mx.save_safetensors(str(tmp / OPTIMIZER_NAME), flat)
         (tmp / TRAINER_STATE_NAME).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
         replace_folder(tmp, target)

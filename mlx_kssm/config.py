@@ -30,7 +30,7 @@ class ModelArgs:
     layer_norm_eps: float = 1e-5  # LayerNorm epsilon (PyTorch default)
 
     @classmethod
-    def from_dict(cls, params: dict[str, Any]) -> "ModelArgs":
+    def from_dict(cls, params: dict[str, Any]) -> ModelArgs:
         """Build from a dict, ignoring keys this version does not know (e.g. n_params)."""
         known = inspect.signature(cls).parameters
         return cls(**{k: v for k, v in params.items() if k in known})
@@ -88,7 +88,7 @@ class TrainArgs:
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
 
     @classmethod
-    def from_dict(cls, params: dict[str, Any]) -> "TrainArgs":
+    def from_dict(cls, params: dict[str, Any]) -> TrainArgs:
         known = inspect.signature(cls).parameters
         return cls(**{k: v for k, v in params.items() if k in known})
 
@@ -101,12 +101,26 @@ class TrainArgs:
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "published": {},
     "small": dict(
-        steps=5_000, batch_size=8, grad_accum=1, seq_length=256, lr=1e-3, warmup=200,
-        eval_every=250, eval_batches=8, save_every=500,
+        steps=5_000,
+        batch_size=8,
+        grad_accum=1,
+        seq_length=256,
+        lr=1e-3,
+        warmup=200,
+        eval_every=250,
+        eval_batches=8,
+        save_every=500,
     ),
     "tiny": dict(
-        steps=300, batch_size=8, grad_accum=1, seq_length=128, lr=3e-3, warmup=30,
-        eval_every=50, eval_batches=4, save_every=100,
+        steps=300,
+        batch_size=8,
+        grad_accum=1,
+        seq_length=128,
+        lr=3e-3,
+        warmup=30,
+        eval_every=50,
+        eval_batches=4,
+        save_every=100,
     ),
 }
 

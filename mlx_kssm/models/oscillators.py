@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 
 from ..config import ModelArgs
 from ..ops import harmonic_features
