@@ -1,9 +1,59 @@
-"""`kssm convert` (issue 3)."""
+"""`kssm convert` (issue 3): a PyTorch K-SSM v3 checkpoint -> a model folder, without torch."""
 
 from __future__ import annotations
 
-from .errors import not_landed
+from pathlib import Path
+
+import typer
+
+from .errors import fail
 
 
-def convert() -> None:
-    not_landed("convert", 3)
+def convert(
+    src: Path = typer.Argument(
+        ..., help="A torch .pt checkpoint, or a run folder (its newest checkpoint_<step>.pt)."
+    ),
+    out_dir: Path = typer.Argument(..., help="Folder to write config.json + model.safetensors."),
+    monostable: bool = typer.Option(
+        False,
+        "--monostable",
+        help="The checkpoint is the monostable ablation (u not clamped); the weights cannot tell.",
+    ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="Store the weights as float16 or bfloat16 (default: float32)."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace OUT_DIR when it holds a previous conversion."
+    ),
+) -> None:
+    # Imported here so that `kssm --help` does not load MLX.
+    from mlx_kssm.checkpoints_convert.convert import convert as run_convert
+    from mlx_kssm.checkpoints_convert.torch_zip import CheckpointError
+
+    try:
+        report = run_convert(src, out_dir, monostable=monostable, dtype=dtype, force=force)
+    except CheckpointError as err:
+        fail(str(err))
+    except OSError as err:  # e.g. disk full, or no permission to write OUT_DIR
+        fail(f"{err.filename or out_dir}: {err.strerror or err}")
+
+    args = report.args
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"converted {report.source} -> {report.out_dir}")
+    typer.echo(
+        f"  config: vocab {args.vocab_size}, hidden {args.hidden_dim}, {args.n_layers} layers, "
+        f"{args.n_oscillators} oscillators, {args.n_harmonics} harmonics, "
+        f"{args.max_positions} positions, {'bistable' if args.bistable else 'monostable'}"
+    )
+    typer.echo(
+        f"  weights: {report.n_params:,} parameters, saved as {report.saved_dtype} "
+        f"(source {', '.join(report.source_dtypes)} from {', '.join(report.locations)})"
+    )
+    if report.training_state:
+        typer.echo(
+            f"  training state: step {report.step}, next lr {report.torch_lr_next:g}; "
+            f"continue with `kssm train --resume {report.out_dir}`"
+        )
+    elif report.step is not None:
+        typer.echo(f"  weights of step {report.step}; no training state in the source")

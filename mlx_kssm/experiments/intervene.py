@@ -1,0 +1,420 @@
+"""The causality experiment: force the order parameter R and measure whether the output changes.
+
+Conditions: the free-running model (the control) and one condition per target R.
+
+Modes
+    phases  (default) Inside the forward pass, the phases of the forced layers are moved so that
+            their R equals the target at every position (models/forcing.py); the readout sees
+            the moved phases, so the intervention acts on the computation.
+    omega   The published method: the natural frequencies of the forced layers are pulled
+            towards (s < 1) or pushed away from (s > 1) their mean, omega' = mean + s (omega -
+            mean). R is then not set directly, so s is calibrated per target: the mean R of the
+            forced layers on the first evaluation window is measured on a grid s = 0..3 (step
+            0.05), the sign change of R(s) - target nearest to s = 1 (the smallest edit) is
+            refined by bisection, and where no s reaches the target the closest one is used.
+            The measured R is reported either way.
+
+Measurements, per condition
+    generations  for every prompt and trial t (seed + t, the same in every condition, so a
+                 change of text can only come from the intervention): U, distinct-1/2/4,
+                 repetition (rep/16), length, R, and whether the text equals the control's.
+    teacher-forced  on evaluation text, run in windows of up to 256 positions: cross-entropy,
+                 and the KL divergence KL(p_free || p_forced) between the free and forced
+                 next-token distributions, averaged over segments of 32 consecutive positions;
+                 each segment is one observation for the statistics (v3 computes every
+                 position from its own token, so segments share no computation).
+
+Statistics (alpha = 0.01 by default, Holm-corrected over all tests below)
+    paired t-test against the control, per forced condition, per metric (pairs: prompt x
+    trial, or segment); one-sample t-test of KL > 0; with two or more targets, one-way ANOVA
+    across the forced conditions and Pearson r between target R and each metric.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .sampling import SamplingSettings, generation_samples
+from .stats import TestResult, holm_adjust, nanmean, one_sample_t, one_way_anova, paired_t, pearson
+
+MODES = ("phases", "omega")
+GENERATION_METRICS = ("U", "distinct_1", "distinct_2", "distinct_4", "repetition", "length")
+OMEGA_GRID = np.round(np.arange(0.0, 3.0001, 0.05), 2)
+_OMEGA_BISECTION_STEPS = 24
+
+
+@dataclass(kw_only=True)
+class InterveneSettings(SamplingSettings):
+    targets: list[float]
+    layers: list[int] | None = None  # None = every layer
+    mode: str = "phases"
+    alpha: float = 0.01
+    eval_tokens: int = 2048  # teacher-forced tokens at most
+    window: int = 256  # teacher-forced forward length (capped by max_positions)
+    segment: int = 32  # teacher-forced positions per statistical observation
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if not self.targets:
+            raise ValueError("give at least one target R")
+        for r in self.targets:
+            check_target(r)
+        super().__post_init__()
+
+
+@dataclass
+class Condition:
+    name: str
+    target_r: float | None  # None: the free-running control
+    omega_scale: float | None = None  # omega mode: the pull/push factor s
+    # filled by the measurements
+    samples: list[dict] = field(default_factory=list)  # one per prompt x trial
+    ce: list[float] = field(default_factory=list)  # teacher-forced, one per segment
+    kl: list[float] = field(default_factory=list)
+    r_sum: float = 0.0  # forced layers, teacher-forced positions
+    r_count: int = 0
+    r_max_error: float = 0.0
+
+    @property
+    def is_control(self) -> bool:
+        return self.target_r is None
+
+    @property
+    def measured_r(self) -> float:
+        return self.r_sum / self.r_count if self.r_count else math.nan
+
+    def metric(self, name: str) -> list[float]:
+        """Per-observation values: per sample (generation metrics) or segment (ce, kl)."""
+        if name in ("ce", "kl"):
+            return getattr(self, name)
+        return [s["metrics"][name] for s in self.samples]
+
+    def summary(self, control: Condition) -> dict[str, float]:
+        means = {m: nanmean(self.metric(m)) for m in (*GENERATION_METRICS, "R", "goldilocks")}
+        means["R_forced"] = nanmean([s["metrics"]["R_forced"] for s in self.samples])
+        means["identical_to_control"] = nanmean([s["identical"] for s in self.samples])
+        means["ce"] = nanmean(self.ce)
+        means["delta_ce"] = means["ce"] - nanmean(control.ce)
+        means["kl"] = nanmean(self.kl)
+        return means
+
+    def to_dict(self, control: Condition) -> dict:
+        return {
+            "name": self.name,
+            "target_r": self.target_r,
+            "omega_scale": self.omega_scale,
+            "measured_r": self.measured_r,
+            "measured_r_generation": nanmean([s["metrics"]["R_forced"] for s in self.samples]),
+            "r_max_abs_error": None if self.is_control else self.r_max_error,
+            "metrics": self.summary(control),
+            "teacher_forced": {"ce": self.ce, "kl": self.kl},
+            "samples": self.samples,
+        }
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def check_target(r: float) -> None:
+    if not (0.0 <= r <= 1.0):  # also rejects NaN
+        raise ValueError(f"--force-r values must be in [0, 1], got {r}")
+
+
+def parse_targets(text: str) -> list[float]:
+    """'0.1,0.3,0.5' -> [0.1, 0.3, 0.5] (duplicates dropped, order kept)."""
+    targets: list[float] = []
+    for part in text.split(","):
+        try:
+            r = float(part)
+        except ValueError:
+            raise ValueError(f"--force-r: {part.strip()!r} is not a number") from None
+        check_target(r)
+        if r not in targets:
+            targets.append(r)
+    return targets
+
+
+def parse_layers(text: str, n_layers: int) -> list[int]:
+    """'all' or a comma list of layer indices ('0,3') -> sorted indices."""
+    if text.strip().lower() == "all":
+        return list(range(n_layers))
+    layers = set()
+    for part in text.split(","):
+        try:
+            i = int(part)
+        except ValueError:
+            raise ValueError(f"--layers: {part.strip()!r} is not a layer index") from None
+        if not 0 <= i < n_layers:
+            raise ValueError(f"--layers: no layer {i}; this model has layers 0..{n_layers - 1}")
+        layers.add(i)
+    return sorted(layers)
+
+
+# ---------------------------------------------------------------------------- interventions
+
+
+@contextmanager
+def scaled_omega(model, layers: Sequence[int], scale: float) -> Iterator[None]:
+    """omega_0' = mean + scale * (omega_0 - mean) in the given layers; restored on exit."""
+    banks = [model.blocks[i].oscillators for i in layers]
+    saved = [bank.omega_0 for bank in banks]
+    try:
+        for bank, omega in zip(banks, saved, strict=True):
+            centre = mx.mean(omega)
+            bank.omega_0 = centre + scale * (omega - centre)
+        yield
+    finally:
+        for bank, omega in zip(banks, saved, strict=True):
+            bank.omega_0 = omega
+
+
+@contextmanager
+def applied(model, cond: Condition, layers: Sequence[int]) -> Iterator[dict | None]:
+    """Apply a condition; yields the ``force_r`` argument for the forward pass."""
+    if cond.is_control:
+        yield None
+    elif cond.omega_scale is not None:
+        with scaled_omega(model, layers, cond.omega_scale):
+            yield None
+    else:
+        yield {i: cond.target_r for i in layers}
+
+
+def _forced_layers_r(model, tokens: mx.array, layers: Sequence[int], force_r=None) -> float:
+    _, stats = model.forward(tokens, force_r=force_r)
+    return float(mx.mean(stats.R_all[..., list(layers)]))
+
+
+def calibrate_omega_scale(
+    model, layers: Sequence[int], target: float, tokens: mx.array, grid=OMEGA_GRID
+) -> float:
+    """The pull/push factor s whose mean forced-layer R on ``tokens`` is closest to target."""
+
+    def r_at(s: float) -> float:
+        with scaled_omega(model, layers, s):
+            return _forced_layers_r(model, tokens, layers)
+
+    gaps = np.array([r_at(s) for s in grid]) - target
+    crossings = [i for i in range(len(grid) - 1) if gaps[i] == 0 or gaps[i] * gaps[i + 1] < 0]
+    if not crossings:
+        return float(grid[int(np.argmin(np.abs(gaps)))])
+    i = min(crossings, key=lambda j: abs(grid[j] - 1.0))
+    lo, hi, gap_lo = float(grid[i]), float(grid[i + 1]), gaps[i]
+    for _ in range(_OMEGA_BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        gap_mid = r_at(mid) - target
+        if (gap_mid > 0) == (gap_lo > 0):
+            lo, gap_lo = mid, gap_mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+# ---------------------------------------------------------------------------- measurements
+
+
+def eval_windows(tokens: Sequence[int], window: int, max_tokens: int) -> list[list[int]]:
+    """Non-overlapping windows of ``window`` inputs (+1 target), from at most max_tokens tokens."""
+    tokens = list(tokens[: max_tokens + 1])
+    windows = [tokens[i : i + window + 1] for i in range(0, len(tokens) - 1, window)]
+    return [w for w in windows if len(w) >= 2]
+
+
+def packaged_eval_text() -> Path | None:
+    """The validation split of the corpus packaged under mlx_kssm/data/, if there is one."""
+    found = sorted((Path(__file__).resolve().parents[1] / "data").glob("**/*valid*.txt"))
+    return found[0] if found else None
+
+
+def _log_probs(model, inputs: mx.array, force_r) -> tuple[mx.array, mx.array]:
+    logits, stats = model.forward(inputs, force_r=force_r)
+    logits = logits[0].astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True), stats.R_all[0]
+
+
+def _segment_means(values: mx.array, segment: int) -> list[float]:
+    """Means over consecutive runs of ``segment`` positions (the last run may be shorter)."""
+    values = np.asarray(values, dtype=float)
+    return [float(values[i : i + segment].mean()) for i in range(0, values.size, segment)]
+
+
+def measure_teacher_forced(
+    model, conditions: Sequence[Condition], layers: Sequence[int], windows, segment: int
+) -> None:
+    """Per segment: CE and KL(free || forced) of every condition; the forced layers' R."""
+    for w in windows:
+        inputs, targets = mx.array([w[:-1]]), mx.array(w[1:])
+        free_logp, free_R = _log_probs(model, inputs, None)
+        for cond in conditions:
+            with applied(model, cond, layers) as force_r:
+                logp, R = (
+                    (free_logp, free_R) if cond.is_control else _log_probs(model, inputs, force_r)
+                )
+            nll = -mx.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+            kl = mx.sum(mx.exp(free_logp) * (free_logp - logp), axis=-1)
+            R = R[:, list(layers)]
+            mx.eval(nll, kl, R)
+            cond.ce.extend(_segment_means(nll, segment))
+            cond.kl.extend(_segment_means(kl, segment))
+            cond.r_sum += float(mx.sum(R))
+            cond.r_count += R.size
+            if not cond.is_control:
+                cond.r_max_error = max(cond.r_max_error, float(mx.max(mx.abs(R - cond.target_r))))
+
+
+def measure_generations(
+    model,
+    conditions: Sequence[Condition],
+    layers: Sequence[int],
+    prompts: Sequence[Sequence[int]],
+    settings: InterveneSettings,
+    stop_tokens: Sequence[int] = (),
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Generate every prompt x trial in every condition with the same seeds; fill samples."""
+    for cond in conditions:
+        if progress:
+            progress(f"generating: {cond.name}")
+        with applied(model, cond, layers) as force_r:
+            cond.samples = generation_samples(model, prompts, settings, force_r, stop_tokens)
+        for sample in cond.samples:
+            forced = [sample["R_layers"][i] for i in layers] if sample["R_layers"] else []
+            sample["metrics"]["R_forced"] = nanmean(forced)
+    control = conditions[0]
+    for cond in conditions:
+        for sample, ref in zip(cond.samples, control.samples, strict=True):
+            sample["identical"] = sample["tokens"] == ref["tokens"]
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def build_tests(conditions: Sequence[Condition]) -> list[TestResult]:
+    """Every test of the experiment, Holm-adjusted as one family."""
+    control, forced = conditions[0], [c for c in conditions if not c.is_control]
+    tests: list[TestResult] = []
+    for cond in forced:
+        for m in (*GENERATION_METRICS, "ce"):
+            tests.append(paired_t(cond.metric(m), control.metric(m), m, cond.name))
+        tests.append(one_sample_t(cond.kl, 0.0, "greater", "kl", cond.name))
+    if len({c.target_r for c in forced}) >= 2:
+        for m in (*GENERATION_METRICS, "ce"):
+            tests.append(one_way_anova([c.metric(m) for c in forced], m))
+        for m in (*GENERATION_METRICS, "ce", "kl"):
+            x = [c.target_r for c in forced for _ in c.metric(m)]
+            y = [v for c in forced for v in c.metric(m)]
+            tests.append(pearson(x, y, m))
+    holm_adjust(tests)
+    return tests
+
+
+def describe_test(t: TestResult) -> str:
+    what = {
+        "paired_t": "paired t vs control",
+        "one_sample_t": "KL > 0",
+        "anova": "ANOVA",
+        "pearson": "Pearson r(target R, metric)",
+    }[t.test]
+    where = f" at {t.condition}" if t.condition else ""
+    effect = "" if math.isnan(t.effect) else f", effect {t.effect:+.4g}"
+    return f"{t.metric} ({what}{where}): p_holm = {t.p_holm:.3g}{effect}"
+
+
+def verdict(tests: Sequence[TestResult], conditions: Sequence[Condition], alpha: float) -> dict:
+    """Whether forcing R changed the output at p < alpha (Holm-corrected), said plainly."""
+    family = [t for t in tests if not math.isnan(t.p_holm)]
+    significant = sorted((t for t in family if t.p_holm < alpha), key=lambda t: t.p_holm)
+    gen_sig = [t for t in significant if t.metric in GENERATION_METRICS]
+    tf_sig = [t for t in significant if t.metric in ("ce", "kl")]
+    forced = [c for c in conditions if not c.is_control]
+    identical = nanmean([s["identical"] for c in forced for s in c.samples])
+    tail = (
+        f" Generated text was identical to the control in {identical:.0%} of forced samples; "
+        f"largest mean teacher-forced KL {max(nanmean(c.kl) for c in forced):.3g} nats."
+    )
+    if significant:
+        text = (
+            f"VERDICT: forcing R CHANGED the output at p < {alpha} (Holm-corrected): "
+            f"{len(significant)} of {len(family)} tests significant "
+            f"(generated-text metrics: {len(gen_sig)}, teacher-forced: {len(tf_sig)}). "
+            f"Strongest: {describe_test(significant[0])}." + tail
+        )
+    elif family:
+        best = min(family, key=lambda t: t.p_holm)
+        text = (
+            f"VERDICT: NO effect of forcing R on the output at p < {alpha} (Holm-corrected): "
+            f"0 of {len(family)} tests significant; smallest: {describe_test(best)}." + tail
+        )
+    else:
+        text = "VERDICT: no test could be computed (too few observations)." + tail
+    return {
+        "alpha": alpha,
+        "changed": bool(significant),
+        "changed_generation": bool(gen_sig),
+        "changed_teacher_forced": bool(tf_sig),
+        "n_tests": len(family),
+        "n_significant": len(significant),
+        "text": text,
+    }
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def make_conditions(
+    model, settings: InterveneSettings, layers: Sequence[int], calibration: mx.array
+) -> list[Condition]:
+    conditions = [Condition("control", None)]
+    for r in settings.targets:
+        scale = None
+        if settings.mode == "omega":
+            scale = calibrate_omega_scale(model, layers, r, calibration)
+        conditions.append(Condition(f"R={r:g}", r, scale))
+    return conditions
+
+
+def run_intervention(
+    model,
+    prompts: Sequence[Sequence[int]],
+    eval_tokens: Sequence[int],
+    settings: InterveneSettings,
+    stop_tokens: Sequence[int] = (),
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Run the whole experiment; returns a JSON-ready result (see module docstring)."""
+    layers = settings.layers if settings.layers is not None else list(range(len(model.blocks)))
+    window = min(settings.window, model.args.max_positions)
+    windows = eval_windows(eval_tokens, window, settings.eval_tokens)
+    if not windows:
+        raise ValueError("the evaluation text has fewer than 2 tokens")
+    if progress and settings.mode == "omega":
+        progress("calibrating omega scales")
+    conditions = make_conditions(model, settings, layers, mx.array([windows[0][:-1]]))
+    if progress:
+        progress(f"teacher-forced: {len(windows)} windows of up to {window} tokens")
+    measure_teacher_forced(model, conditions, layers, windows, settings.segment)
+    measure_generations(model, conditions, layers, prompts, settings, stop_tokens, progress)
+    tests = build_tests(conditions)
+    control = conditions[0]
+    return {
+        "experiment": "intervene",
+        "settings": {
+            **asdict(settings),
+            "layers": layers,
+            "window": window,
+            "n_windows": len(windows),
+            "n_segments": len(control.ce),
+            "n_prompts": len(prompts),
+        },
+        "conditions": [c.to_dict(control) for c in conditions],
+        "tests": [t.to_dict() for t in tests],
+        "verdict": verdict(tests, conditions, settings.alpha),
+    }

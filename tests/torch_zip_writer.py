@@ -1,0 +1,140 @@
+"""Write files in torch's zip checkpoint layout with the standard library only (test helper).
+
+``Tensor`` and ``Storage`` here are plain records; the pickler writes them the way torch.save
+does (a ``torch._utils._rebuild_tensor_v2`` call over a persistent-id storage), so the tests
+can build mps/cuda locations, float16/bfloat16, shared storages and strided views without
+torch. When torch is installed, test_torch_reader checks that torch.load reads these files.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STORAGE_CLASS = {
+    "float64": "DoubleStorage",
+    "float32": "FloatStorage",
+    "float16": "HalfStorage",
+    "bfloat16": "BFloat16Storage",
+    "int64": "LongStorage",
+    "int32": "IntStorage",
+    "uint8": "ByteStorage",
+    "bool": "BoolStorage",
+}
+
+
+@dataclass(eq=False)
+class Storage:
+    values: np.ndarray  # 1-d; for bfloat16, float32 values whose low 16 bits are dropped
+    dtype: str = "float32"
+    location: str = "cpu"
+
+    def raw(self) -> np.ndarray:
+        if self.dtype == "bfloat16":
+            return (self.values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        return self.values.astype(self.dtype)
+
+
+@dataclass(eq=False)
+class Tensor:
+    storage: Storage
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    def __reduce__(self):
+        hooks = collections.OrderedDict()
+        args = (self.storage, self.offset, self.shape, self.stride, False, hooks)
+        return (Global("torch._utils", "_rebuild_tensor_v2"), args)
+
+
+@dataclass(frozen=True)
+class Global:
+    """A name the pickle refers to, written as a GLOBAL opcode without importing it."""
+
+    module: str
+    name: str
+
+    def __call__(self, *args):  # pickle insists that a reduce function is callable
+        raise AssertionError("never called")
+
+
+def tensor(values, dtype: str = "float32", location: str = "cpu") -> Tensor:
+    """A contiguous tensor over its own storage."""
+    values = np.asarray(values)
+    shape = values.shape
+    stride = tuple(int(s) for s in np.cumprod((1,) + shape[:0:-1])[::-1]) if shape else ()
+    return Tensor(Storage(values.reshape(-1), dtype, location), 0, shape, stride)
+
+
+def bf16_round_trip(values) -> np.ndarray:
+    """What a bfloat16 storage written by Storage.raw reads back as (float32)."""
+    raw = Storage(np.asarray(values, np.float32).reshape(-1), "bfloat16").raw()
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(np.shape(values))
+
+
+class _TorchPickler(pickle._Pickler):  # the pure-Python pickler lets save() be extended
+    def __init__(self, file):
+        super().__init__(file, protocol=2)
+        self.storages: dict[int, tuple[str, Storage]] = {}
+
+    def save(self, obj, save_persistent_id=True):
+        if isinstance(obj, Global):
+            self.write(f"c{obj.module}\n{obj.name}\n".encode())
+            return
+        super().save(obj, save_persistent_id)
+
+    def persistent_id(self, obj):
+        if not isinstance(obj, Storage):
+            return None
+        key, _ = self.storages.setdefault(id(obj), (str(len(self.storages)), obj))
+        storage_type = Global("torch", STORAGE_CLASS[obj.dtype])
+        return ("storage", storage_type, key, obj.location, obj.values.size)
+
+
+def pickle_checkpoint(obj: Any) -> tuple[bytes, dict[str, Storage]]:
+    buf = io.BytesIO()
+    pickler = _TorchPickler(buf)
+    pickler.dump(obj)
+    return buf.getvalue(), {key: storage for key, storage in pickler.storages.values()}
+
+
+def write_checkpoint(
+    path: Path,
+    obj: Any,
+    prefix: str = "archive",
+    byteorder: str = "little",
+    compress: bool = False,
+) -> Path:
+    """torch.save(obj, path), as far as the layout of the file goes."""
+    data, storages = pickle_checkpoint(obj)
+    members = {"data.pkl": data, "byteorder": byteorder.encode()}
+    for key, storage in storages.items():
+        raw = storage.raw()
+        if byteorder == "big":
+            raw = raw.astype(raw.dtype.newbyteorder(">"))
+        members[f"data/{key}"] = raw.tobytes()
+    members["version"] = b"3\n"
+    return write_archive(path, members, prefix, compress)
+
+
+def write_archive(
+    path: Path, members: dict[str, bytes], prefix: str = "archive", compress: bool = False
+) -> Path:
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(path, "w", compression=method) as zf:
+        for name, payload in members.items():
+            zf.writestr(f"{prefix}/{name}", payload)
+    return path
+
+
+def write_pickle_archive(path: Path, pickle_bytes: bytes) -> Path:
+    """A torch-shaped archive whose data.pkl is exactly ``pickle_bytes`` (hostile tests)."""
+    return write_archive(path, {"data.pkl": pickle_bytes, "byteorder": b"little"})
