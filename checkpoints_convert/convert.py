@@ -41,6 +41,8 @@ KNOWN_KEYS = {
 # What a conversion writes; --force only ever replaces a folder holding nothing else.
 OUTPUT_FILES = {CONFIG_NAME, WEIGHTS_NAME, OPTIMIZER_NAME, TRAINER_STATE_NAME}
 _CHECKPOINT_FILE = re.compile(r"checkpoint_(\d+)\.pt")
+_JSON_VALUES = 2_000_000  # a 100K-step history logged at every step is ~1M values
+_JSON_DEPTH = 64
 
 
 @dataclass
@@ -97,7 +99,7 @@ def convert(
     training = None
     if "optimizer_state" in root:
         if dtype is None:
-            training = training_state(root, parameter_shapes(args), source)
+            training = convert_training_state(root, parameter_shapes(args), source)
             notes += training.notes
         else:
             notes.append(
@@ -201,9 +203,15 @@ def split_layout(root: Any, source: Path) -> tuple[dict[str, Any], list[str]]:
 
 def model_weights(model_state: dict[str, Any], source: Path) -> dict[str, TensorRef]:
     """The state dict's tensors, without the tied output head (checked to be tied first)."""
-    not_tensors = [str(k) for k, v in model_state.items() if not isinstance(v, TensorRef)]
+    not_tensors = [
+        str(k)
+        for k, v in model_state.items()
+        if not (isinstance(k, str) and isinstance(v, TensorRef))
+    ]
     if not_tensors:
-        raise CheckpointError(f"{source}: model_state entries are not tensors: {not_tensors[:10]}")
+        raise CheckpointError(
+            f"{source}: model_state entries that are not name -> tensor: {not_tensors[:10]}"
+        )
     refs = {k: v for k, v in model_state.items() if k != OUTPUT_HEAD}
     not_float = [f"{k} ({v.dtype})" for k, v in refs.items() if v.dtype not in FLOAT_DTYPES]
     if not_float:
@@ -227,7 +235,7 @@ def _tied(head: TensorRef, embed: TensorRef) -> bool:
 # -- the training state -----------------------------------------------------------------------
 
 
-def training_state(root: dict[str, Any], shapes: Shapes, source: Path) -> _TrainingState:
+def convert_training_state(root: dict[str, Any], shapes: Shapes, source: Path) -> _TrainingState:
     """torch AdamW + LambdaLR state -> MLX AdamW state and trainer_state.json.
 
     torch keys the moments by parameter index, in named_parameters() order (= ``shapes``'s
@@ -245,9 +253,7 @@ def training_state(root: dict[str, Any], shapes: Shapes, source: Path) -> _Train
         **moments,
     }
     scheduler = root.get("scheduler_state")
-    base_lr = hyper["initial_lr"]
-    if base_lr is None and isinstance(scheduler, dict) and scheduler.get("base_lrs"):
-        base_lr = scheduler["base_lrs"][0]
+    base_lr = hyper["initial_lr"] if hyper["initial_lr"] is not None else hyper["lr"]
     notes = []
     ckpt_step = root.get("step")
     if isinstance(ckpt_step, int) and ckpt_step != step:
@@ -260,9 +266,9 @@ def training_state(root: dict[str, Any], shapes: Shapes, source: Path) -> _Train
         "step": step,
         # torch kept the best total loss (CE + reg), not the best CE: a fresh best/ is started.
         "best_val_ce": None,
-        "history": _jsonable(history),
+        "history": _jsonable(history, "history"),
         "train_args": {
-            "lr": float(base_lr if base_lr is not None else hyper["lr"]),
+            "lr": base_lr,
             "beta1": hyper["betas"][0],
             "beta2": hyper["betas"][1],
             "adam_eps": hyper["eps"],
@@ -271,8 +277,8 @@ def training_state(root: dict[str, Any], shapes: Shapes, source: Path) -> _Train
         "source": {
             "converted_from": str(source.resolve()),
             "torch_lr_next": hyper["lr"],  # param_groups lr: what torch's next update uses
-            "torch_scheduler": _jsonable(scheduler),
-            "best_val_loss": _jsonable(root.get("best_val_loss")),
+            "torch_scheduler": _jsonable(scheduler, "scheduler_state"),
+            "best_val_loss": _jsonable(root.get("best_val_loss"), "best_val_loss"),
         },
     }
     return _TrainingState(optimizer, trainer, notes)
@@ -287,33 +293,40 @@ def _adamw_hyperparameters(groups: list[Any], n_params: int, source: Path) -> di
         raise CheckpointError(
             f"{source}: the optimizer holds {len(indices)} parameters, the model {n_params}"
         )
-    hyper = {}
-    for key in ("lr", "betas", "eps", "weight_decay"):
-        values = {_jsonable_key(g.get(key)) for g in groups}
-        if len(values) != 1 or None in values:
+    try:
+        per_group = [_group_hyperparameters(g) for g in groups]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{source}: optimizer hyperparameters are not numbers") from None
+    for key, value in per_group[0].items():
+        if any(h[key] != value for h in per_group):
+            values = sorted({str(h[key]) for h in per_group})
             raise CheckpointError(
-                f"{source}: optimizer param groups have {key} {sorted(map(str, values))}; "
+                f"{source}: optimizer param groups have {key} {', '.join(values)}; "
                 "MLX AdamW takes one value for all parameters"
             )
-        hyper[key] = groups[0][key]
-    hyper["initial_lr"] = groups[0].get("initial_lr")
-    group = groups[0]
     if any(g.get("amsgrad") or g.get("maximize") for g in groups):
         raise CheckpointError(f"{source}: AdamW with amsgrad or maximize has no MLX equivalent")
-    if group.get("decoupled_weight_decay") is False and group["weight_decay"]:
+    hyper = per_group[0]
+    if groups[0].get("decoupled_weight_decay") is False and hyper["weight_decay"]:
         raise CheckpointError(
             f"{source}: the optimizer is Adam with L2 weight decay, not AdamW; MLX AdamW "
             "would not continue it"
         )
-    try:
-        for key in ("lr", "eps", "weight_decay"):
-            hyper[key] = _as_float(hyper[key])
-        hyper["betas"] = [_as_float(b) for b in hyper["betas"]]
-        if len(hyper["betas"]) != 2:
-            raise ValueError("betas is not a pair")
-    except (TypeError, ValueError):
-        raise CheckpointError(f"{source}: optimizer hyperparameters are not numbers") from None
     return hyper
+
+
+def _group_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    betas = tuple(_as_float(b) for b in group["betas"])
+    if len(betas) != 2:
+        raise ValueError("betas is not a pair")
+    initial = group.get("initial_lr")  # set by torch's LR schedulers: the base (peak) lr
+    return {
+        "lr": _as_float(group["lr"]),
+        "betas": betas,
+        "eps": _as_float(group["eps"]),
+        "weight_decay": _as_float(group["weight_decay"]),
+        "initial_lr": None if initial is None else _as_float(initial),
+    }
 
 
 def _as_float(value: Any) -> float:
@@ -376,22 +389,30 @@ def _step_count(value: Any, name: str, source: Path) -> int:
     return int(value)
 
 
-def _jsonable(value: Any) -> Any:
-    """History and scheduler values as JSON: small tensors become numbers or lists."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, TensorRef):
-        return value.numpy().tolist() if value.size <= 1024 else f"<tensor {value.shape}>"
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return repr(value)
+def _jsonable(value: Any, what: str) -> Any:
+    """History and scheduler values as JSON: small tensors become numbers or lists.
 
+    Bounded: pickle can share one list many times over, so a small hostile file could
+    otherwise expand into an enormous (or too deeply nested) tree here.
+    """
+    count = 0
 
-def _jsonable_key(value: Any) -> Any:
-    """A hashable form of a hyperparameter, to compare param groups."""
-    return tuple(value) if isinstance(value, (list, tuple)) else value
+    def walk(v: Any, depth: int) -> Any:
+        nonlocal count
+        count += 1
+        if count > _JSON_VALUES or depth > _JSON_DEPTH:
+            raise CheckpointError(f"{what} is too large or too deeply nested to convert")
+        if isinstance(v, dict):
+            return {str(k): walk(x, depth + 1) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x, depth + 1) for x in v]
+        if isinstance(v, TensorRef):
+            return v.numpy().tolist() if v.size <= 1024 else f"<tensor {v.shape}>"
+        if v is None or isinstance(v, (str, int, float, bool)):
+            return v
+        return repr(v)
+
+    return walk(value, 0)
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -409,8 +430,13 @@ def _write(
     # Each array is copied into MLX once; the numpy side is mostly a view of the mapped file.
     model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
     model.eval()
-    if training is None:
-        save(model, out_dir, dtype=getattr(mx, dtype) if dtype else None)
-        return
-    optimizer = {k: mx.array(v) for k, v in training.optimizer.items()}
-    save_training_checkpoint(out_dir, model, optimizer, training.trainer)
+    try:
+        if training is None:
+            save(model, out_dir, dtype=getattr(mx, dtype) if dtype else None)
+        else:
+            optimizer = {k: mx.array(v) for k, v in training.optimizer.items()}
+            save_training_checkpoint(out_dir, model, optimizer, training.trainer)
+    except (OSError, RuntimeError) as err:  # MLX reports a failed write (disk full) as a
+        # RuntimeError; either way the helpers have removed their temporary folder by now.
+        reason = getattr(err, "strerror", None) or err
+        raise CheckpointError(f"cannot write {out_dir}: {reason}") from None

@@ -71,15 +71,25 @@ class ForbiddenGlobalError(CheckpointError):
     """The pickle names a global outside the allow-list; nothing was called."""
 
 
-@dataclass(frozen=True, slots=True)
-class StorageType:
+class _Sealed:
+    """Refuses pickle's BUILD opcode, which could otherwise rewrite a bounds-checked view.
+
+    (A frozen dataclass with slots=True gets a __setstate__ that sets any field: no slots.)
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError(f"the pickle tries to rewrite a {type(self).__name__}")
+
+
+@dataclass(frozen=True)
+class StorageType(_Sealed):
     """Stand-in for ``torch.FloatStorage`` and friends: only a dtype name."""
 
     dtype: str
 
 
-@dataclass(frozen=True, slots=True)
-class Storage:
+@dataclass(frozen=True)
+class Storage(_Sealed):
     """One ``data/<key>`` member of the archive: ``numel`` elements of ``dtype``."""
 
     key: str
@@ -92,8 +102,8 @@ class Storage:
         return 2 if self.dtype == "bfloat16" else np.dtype(self.dtype).itemsize
 
 
-@dataclass(frozen=True, slots=True)
-class TensorRef:
+@dataclass(frozen=True)
+class TensorRef(_Sealed):
     """A tensor of the checkpoint, not yet read: a strided view into one storage."""
 
     archive: _Archive
@@ -126,6 +136,9 @@ class TensorRef:
         the memory-mapped file: no copy is made until the caller makes one.
         """
         base = self.archive.storage_array(self.storage)
+        if _last_element(self.offset, self.shape, self.stride) >= base.size:
+            # as_strided does not check bounds; checked when built, checked again before use.
+            raise CheckpointError(f"{self.archive.path}: a tensor outside its storage")
         itemsize = base.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
             base[self.offset :],
@@ -315,13 +328,21 @@ class _Archive:
             raise CheckpointError(f"{self.path}: malformed tensor in storage {storage.key}")
         if offset < 0 or any(n < 0 for n in shape) or any(s < 0 for s in strides):
             raise CheckpointError(f"{self.path}: negative size or stride in storage {storage.key}")
-        if all(shape):
-            last = offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
-            if last >= storage.numel:
-                raise CheckpointError(
-                    f"{self.path}: a tensor {shape} at offset {offset} reaches element {last} "
-                    f"of storage {storage.key}, which has {storage.numel}"
-                )
+        size = 1
+        for n in shape:
+            size *= n
+        if size > storage.numel:
+            # Only a zero stride makes a view bigger than its data; a state dict never holds
+            # one, and reading it would allocate without bound.
+            raise CheckpointError(
+                f"{self.path}: a broadcast tensor {shape} larger than its storage {storage.key}"
+            )
+        last = _last_element(offset, shape, strides)
+        if last >= storage.numel:
+            raise CheckpointError(
+                f"{self.path}: a tensor {shape} at offset {offset} reaches element {last} "
+                f"of storage {storage.key}, which has {storage.numel}"
+            )
         return TensorRef(self, storage, offset, shape, strides)
 
     def rebuild_parameter(self, data, requires_grad=False, hooks=None) -> TensorRef:
@@ -329,6 +350,13 @@ class _Archive:
         if not isinstance(data, TensorRef):
             raise CheckpointError(f"{self.path}: a parameter without a tensor")
         return data
+
+
+def _last_element(offset: int, shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
+    """The highest storage index a view touches (-1 for an empty tensor, which touches none)."""
+    if not all(shape):
+        return -1
+    return offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
 
 
 def _int_tuple(value: Any) -> tuple[int, ...] | None:

@@ -73,10 +73,11 @@ def infer_config(shapes: Shapes, bistable: bool) -> ModelArgs:
             f"omega_0 {omega}, readout.weight {readout}, ffn.0.weight {ffn}"
         )
     d = embed[1]
-    if d == 0 or readout[1] % 3 or ffn[0] % d:
+    if 0 in (d, embed[0], pos[1], omega[0], readout[1], ffn[0]) or readout[1] % 3 or ffn[0] % d:
         raise CheckpointError(
-            f"shapes do not fit K-SSM v3: readout.weight {readout} needs 3H columns and "
-            f"ffn.0.weight {ffn} a multiple of the hidden size {d} as rows"
+            f"shapes do not fit K-SSM v3: embed.weight {embed}, pos_embed {pos}, omega_0 "
+            f"{omega}, readout.weight {readout} (3H columns), ffn.0.weight {ffn} (a multiple "
+            f"of {d} rows)"
         )
     args = ModelArgs(
         vocab_size=embed[0],

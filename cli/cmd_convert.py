@@ -26,7 +26,7 @@ def convert(
         False, "--force", help="Replace OUT_DIR when it holds a previous conversion."
     ),
 ) -> None:
-    # Imported here so that `kssm --help` does not load MLX.
+    # Imported here, not at module level: only `kssm convert` itself pays for them.
     from mlx_kssm.checkpoints_convert.convert import convert as run_convert
     from mlx_kssm.checkpoints_convert.torch_zip import CheckpointError
 
@@ -34,8 +34,8 @@ def convert(
         report = run_convert(src, out_dir, monostable=monostable, dtype=dtype, force=force)
     except CheckpointError as err:
         fail(str(err))
-    except OSError as err:  # e.g. disk full, or no permission to write OUT_DIR
-        fail(f"{err.filename or out_dir}: {err.strerror or err}")
+    except OSError as err:  # e.g. a folder that cannot be listed
+        fail(f"{err.filename or src}: {err.strerror or err}")
 
     args = report.args
     for note in report.notes:

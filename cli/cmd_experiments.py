@@ -90,7 +90,9 @@ def _stop_tokens() -> list[int]:
     return [eot_token()]
 
 
-def _write_outputs(result: dict, json_out: Path | None, report: Path | None, markdown: str):
+def _write_outputs(
+    result: dict, json_out: Path | None, report: Path | None = None, markdown: str = ""
+) -> None:
     from mlx_kssm.experiments.report import write_json
 
     console = _console()
@@ -102,7 +104,7 @@ def _write_outputs(result: dict, json_out: Path | None, report: Path | None, mar
             report.write_text(markdown, encoding="utf-8")
             console.print(f"wrote {report}")
     except OSError as err:
-        fail(f"cannot write the report: {err}")
+        fail(f"cannot write the output: {err}")
 
 
 # ---------------------------------------------------------------------------- sample
@@ -117,7 +119,10 @@ def sample(
     temp: TempOpt = 0.8,
     top_k: TopKOpt = 0,
     top_p: TopPOpt = 1.0,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens per prompt.")] = 100,
+    max_tokens: Annotated[
+        int,
+        typer.Option("--max-tokens", help="Tokens per prompt (fewer if positions run out)."),
+    ] = 100,
     seed: SeedOpt = 0,
     show_r: Annotated[
         bool, typer.Option("--show-r", help="Print R (per layer, mean) and U per token.")
@@ -125,7 +130,6 @@ def sample(
     json_out: JsonOpt = None,
 ) -> None:
     """Stream generated text; stops at end-of-text, max-tokens, or the model's last position."""
-    from mlx_kssm.experiments.report import write_json
     from mlx_kssm.generate import generate, generation_record, make_sampler
 
     _check_sampling(temp, top_k, top_p)
@@ -153,16 +157,8 @@ def sample(
         record["prompt"] = text
         records.append(record)
         console.print(_summary_line(record, net.args.max_positions), style="dim", soft_wrap=True)
-    if json_out is not None:
-        settings = dict(
-            model=str(model), temp=temp, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed
-        )
-        try:
-            console.print(
-                f"wrote {write_json(json_out, {'settings': settings, 'generations': records})}"
-            )
-        except OSError as err:
-            fail(f"cannot write {json_out}: {err}")
+    settings = dict(model=str(model), temp=temp, top_k=top_k, top_p=top_p, max_tokens=max_tokens)
+    _write_outputs({"settings": {**settings, "seed": seed}, "generations": records}, json_out)
 
 
 class _TokenPrinter:
@@ -366,13 +362,22 @@ def ablate(
     ] = Path("runs/ablation"),
     preset: Annotated[str, typer.Option("--preset", help="Model + schedule preset.")] = "tiny",
     seed: Annotated[int, typer.Option("--seed", help="The same seed for both variants.")] = 42,
+    eval_every: Annotated[
+        int | None, typer.Option("--eval-every", help="Steps between evaluations (preset's).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Sequences per micro-batch (preset's).")
+    ] = None,
+    seq_length: Annotated[
+        int | None, typer.Option("--seq-length", help="Tokens per window (preset's).")
+    ] = None,
     runs: Annotated[
         tuple[Path, Path] | None,
         typer.Option("--runs", help="Compare two existing run folders instead of training."),
     ] = None,
 ) -> None:
     """Train bistable and monostable alike, then tabulate and plot the published ablation."""
-    from mlx_kssm.experiments.ablate import compare_runs, train_variants
+    from mlx_kssm.experiments.ablate import compare_runs
     from mlx_kssm.experiments.report import print_ablation
 
     console = _console()
@@ -381,11 +386,9 @@ def ablate(
             fail("give --data and --steps to train both variants, or --runs A B to compare")
         if steps < 1:
             fail(f"--steps must be at least 1, got {steps}")
-        try:
-            trained = train_variants(data, steps, out, preset=preset, console=console, seed=seed)
-        except ValueError as err:
-            fail(str(err))
-        run_dirs = [trained["bistable"], trained["monostable"]]
+        chosen = dict(eval_every=eval_every, batch_size=batch_size, seq_length=seq_length)
+        overrides = {k: v for k, v in chosen.items() if v is not None}
+        run_dirs = list(_train_both(data, steps, out, preset, seed, overrides, console).values())
     else:
         run_dirs = list(runs)
     try:
@@ -395,3 +398,21 @@ def ablate(
     print_ablation(result, console)
     for kind in ("report", "csv", "figure", "json"):
         console.print(f"wrote {result['files'][kind]}")
+
+
+def _train_both(data, steps, out, preset, seed, overrides, console) -> dict[str, Path]:
+    from mlx_kssm.experiments.ablate import AblationInterrupted, train_variants
+    from mlx_kssm.training import TrainingStopped
+
+    try:
+        return train_variants(
+            data, steps, out, preset=preset, console=console, seed=seed, **overrides
+        )
+    except ValueError as err:  # bad data, preset or settings: nothing was trained
+        fail(str(err))
+    except TrainingStopped as err:  # diverged: not bad input, but no traceback either
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=1) from None
+    except AblationInterrupted as err:  # Ctrl+C: the run saved a checkpoint and returned
+        typer.echo(f"stopped: {err}", err=True)
+        raise typer.Exit(code=130) from None

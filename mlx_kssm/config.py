@@ -73,6 +73,8 @@ class TrainArgs:
     lr: float = 4e-4  # peak learning rate
     warmup: int = 1_000  # linear warmup steps
     schedule: str = "cosine"  # "cosine" (warmup then cosine to 0) or "constant" (after warmup)
+    decay_steps: int | None = None  # where the cosine reaches 0; None = steps (train in legs
+    #                                 with the full run's schedule: --steps k --decay-steps n)
     weight_decay: float = 0.1  # AdamW decoupled weight decay, on every parameter
     beta1: float = 0.9
     beta2: float = 0.999
@@ -85,6 +87,7 @@ class TrainArgs:
     keep_last: int = 3  # rolling checkpoints kept (best/ is kept apart)
     seed: int = 42  # model init, data order and phase noise all derive from it
     sample_tokens: int = 48  # length of the text sample printed at each evaluation
+    log_every: int = 10  # steps between train rows in metrics.jsonl (averages over them)
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
 
     @classmethod

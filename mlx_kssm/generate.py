@@ -18,7 +18,8 @@ describes the model, not the sampler's temperature or truncation.
 
 Randomness. Row (trial) t of a batch draws its tokens from its own key stream, seeded with
 ``seed + t``, so a trial's text does not depend on how many trials run beside it, and two runs
-that differ only in the model (or in a forced R) see the same random numbers.
+that differ only in the model (or in a forced R) see the same random numbers. A model that
+draws phase noise at eval gets one key per step from ``seed``, shared by the batch.
 """
 
 from __future__ import annotations
@@ -107,7 +108,6 @@ def make_sampler(temp: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> Sampl
 class Step:
     """One decoding step for every row of the batch."""
 
-    index: int  # 0-based index of the generated token
     tokens: np.ndarray  # (n,) the token each row drew
     R_layers: np.ndarray  # (n, n_layers) R at the position that produced the token
     U: np.ndarray  # (n,) normalised entropy of that next-token distribution
@@ -183,7 +183,7 @@ def generate_steps(
 
     tokens = mx.array([list(prompt)] * n)
     offset = 0
-    for index in range(budget):
+    for _ in range(budget):
         noise_key, step_key = mx.random.split(noise_key)
         logits, stats = model.forward(tokens, key=step_key, force_r=force_r, offset=offset)
         logits, R = logits[:, -1], stats.R_all[:, -1]
@@ -191,7 +191,7 @@ def generate_steps(
         drawn = sampler(logits, sample_keys)
         U = normalized_entropy(logits)
         mx.eval(drawn, R, U, keys)
-        step = Step(index, np.array(drawn), np.array(R), np.array(U))
+        step = Step(np.array(drawn), np.array(R), np.array(U))
         yield step
         stopped |= np.isin(step.tokens, stop)
         if stopped.all():

@@ -92,7 +92,11 @@ def write_model_files(model, folder: Path, dtype: mx.Dtype | None = None) -> Non
 def atomic_folder(target: Path) -> Path:
     """A fresh temporary folder beside ``target``, for write-then-rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like mkdir's
+    return tmp
 
 
 def replace_folder(tmp: Path, target: Path) -> None:

@@ -21,6 +21,7 @@ from mlx_kssm.checkpoints_convert.torch_zip import (
 )
 from torch_zip_writer import (
     Global,
+    Reduce,
     Storage,
     Tensor,
     bf16_round_trip,
@@ -127,16 +128,6 @@ def test_parameters_and_ordered_dict_metadata(tmp_path):
 # -- hostile files: refused before anything runs ---------------------------------------------
 
 
-class Reduce:
-    """An object whose unpickling calls ``func(*args)``: what an attacker's file does."""
-
-    def __init__(self, func, *args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return (self.func, self.args)
-
-
 def _touch(marker) -> str:
     return f"open({str(marker)!r}, 'w').close()"
 
@@ -144,7 +135,8 @@ def _touch(marker) -> str:
 P2 = dict(protocol=2, fix_imports=False)
 SYSTEM = f"{os.system.__module__}.system"  # posix.system (nt.system on Windows)
 
-# label -> (data.pkl bytes whose unpickling would create ``marker``, the global to be named)
+# label -> (marker -> a pickle whose loading would create ``marker``, the global to be named).
+# A pickle is bytes, or pickle_checkpoint's (bytes, storages) when it also names tensors.
 HOSTILE = {
     "os.system": (lambda m: pickle.dumps(Reduce(os.system, f"touch {m}"), **P2), SYSTEM),
     "builtins.eval": (lambda m: pickle.dumps(Reduce(eval, _touch(m)), **P2), "builtins.eval"),
@@ -169,38 +161,53 @@ HOSTILE = {
     "inside tensor arguments": (
         lambda m: pickle_checkpoint(
             {"w": Reduce(Global("torch._utils", "_rebuild_tensor_v2"), Global("posix", "system"))}
-        )[0],
+        ),
         "posix.system",
     ),
     "a global never called": (
-        lambda m: pickle_checkpoint({"x": Global("os", "system")})[0],
+        lambda m: pickle_checkpoint({"x": Global("os", "system")}),
         "os.system",
     ),
     "a torch name off the list": (
-        lambda m: pickle_checkpoint({"x": Global("torch", "load")})[0],
+        lambda m: pickle_checkpoint({"x": Global("torch", "load")}),
         "torch.load",
     ),
     "numpy reconstruct": (
-        lambda m: pickle_checkpoint({"x": Reduce(Global("numpy.core.multiarray", "_reconstruct"))})[
-            0
-        ],
+        lambda m: pickle_checkpoint({"x": Reduce(Global("numpy.core.multiarray", "_reconstruct"))}),
         "numpy.core.multiarray._reconstruct",
     ),
 }
 
 
-def write_hostile(path, pickled):
-    """An archive around a hostile data.pkl, with the storages it names when there are any."""
+def members(pickled) -> dict[str, bytes]:
+    """data.pkl and the storages it names: ``pickled`` is bytes or pickle_checkpoint's pair."""
     data, storages = pickled if isinstance(pickled, tuple) else (pickled, {})
-    members = {"data.pkl": data, **{f"data/{k}": s.raw().tobytes() for k, s in storages.items()}}
-    return write_archive(path, members)
+    return {"data.pkl": data, **{f"data/{k}": s.raw().tobytes() for k, s in storages.items()}}
+
+
+class RewrittenTensor(Tensor):
+    """A valid tensor, then pickle's BUILD opcode moving it: ``state`` is applied after."""
+
+    def __init__(self, state):
+        super().__init__(Storage(np.zeros(4, np.float32)), 0, (4,), (1,))
+        self.state = state
+
+    def __reduce__(self):
+        return (*super().__reduce__(), self.state)
+
+
+@pytest.mark.parametrize("state", [{"offset": 10**9}, (None, {"offset": 10**9})])
+def test_built_tensors_cannot_be_rewritten(tmp_path, state):
+    path = write_checkpoint(tmp_path / "c.pt", {"w": RewrittenTensor(state)})
+    with pytest.raises(CheckpointError, match="rewrite a TensorRef"):
+        read_checkpoint(path)
 
 
 @pytest.mark.parametrize("label", HOSTILE)
 def test_hostile_pickles_are_refused_without_running(tmp_path, label):
     marker = tmp_path / "pwned"
     make, forbidden = HOSTILE[label]
-    path = write_hostile(tmp_path / "evil.pt", make(marker))
+    path = write_archive(tmp_path / "evil.pt", members(make(marker)))
     with pytest.raises(ForbiddenGlobalError) as err:
         read_checkpoint(path)
     message = str(err.value)
@@ -209,15 +216,11 @@ def test_hostile_pickles_are_refused_without_running(tmp_path, label):
     assert not marker.exists(), "the payload ran"
 
 
-def test_the_hostile_payloads_are_live():
+def test_the_hostile_payloads_are_live(tmp_path):
     """Without the allow-list the payloads would run: plain pickle.loads executes one."""
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        marker = Path(tmp) / "ran"
-        pickle.loads(HOSTILE["builtins.eval"][0](marker))
-        assert marker.exists()
+    marker = tmp_path / "ran"
+    pickle.loads(HOSTILE["builtins.eval"][0](marker))
+    assert marker.exists()
 
 
 # -- damaged and unsupported files ------------------------------------------------------------
@@ -307,29 +310,23 @@ def test_zip_that_is_not_a_checkpoint(tmp_path):
         read_checkpoint(script)
 
 
-def storage_members(obj):
-    data, storages = pickle_checkpoint(obj)
-    members = {"data.pkl": data}
-    members.update({f"data/{k}": s.raw().tobytes() for k, s in storages.items()})
-    return members
-
-
 def test_missing_storage_member(tmp_path):
-    members = storage_members({"w": tensor([1.0, 2.0])})
-    del members["data/0"]
+    archive = members(pickle_checkpoint({"w": tensor([1.0, 2.0])}))
+    del archive["data/0"]
     with pytest.raises(CheckpointError, match="missing from the archive"):
-        read_checkpoint(write_archive(tmp_path / "c.pt", members))
+        read_checkpoint(write_archive(tmp_path / "c.pt", archive))
 
 
 def test_storage_size_disagrees_with_pickle(tmp_path):
-    members = storage_members({"w": tensor([1.0, 2.0])})
-    members["data/0"] = members["data/0"][:4]
+    archive = members(pickle_checkpoint({"w": tensor([1.0, 2.0])}))
+    archive["data/0"] = archive["data/0"][:4]
     with pytest.raises(CheckpointError, match="holds 4 bytes"):
-        read_checkpoint(write_archive(tmp_path / "c.pt", members))
+        read_checkpoint(write_archive(tmp_path / "c.pt", archive))
 
 
 @pytest.mark.parametrize(
-    "offset, shape, stride", [(0, (3, 3), (3, 1)), (7, (2,), (1,)), (0, (2,), (-1,))]
+    "offset, shape, stride",
+    [(0, (3, 3), (3, 1)), (7, (2,), (1,)), (0, (2,), (-1,)), (0, (10**12,), (0,))],
 )
 def test_views_outside_their_storage_are_refused(tmp_path, offset, shape, stride):
     base = Storage(np.arange(8, dtype=np.float32))

@@ -21,12 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .plots import METRICS_NAME, read_metrics
+from .plots import PUBLISHED as PUBLISHED_BY_STEP
+
 VARIANTS = ("bistable", "monostable")
-METRICS_NAME = "metrics.jsonl"
-# Published PyTorch K-SSM v3, WikiText-103, 15K steps (spec: "Published results").
+# The published table is at 15K steps (spec: "Published results"); plots.py holds them by step.
+PUBLISHED_STEP = 15_000
 PUBLISHED = {
-    "bistable": {"val_R": 0.4908, "val_loss": 8.76, "val_u": 0.103},
-    "monostable": {"val_R": 0.4043, "val_loss": 10.93, "val_u": -0.975},
+    variant: {key: v for key, points in series.items() for s, v in points if s == PUBLISHED_STEP}
+    for variant, series in PUBLISHED_BY_STEP.items()
 }
 # (key, label) of the comparison table, in the published order, then what was not published.
 TABLE_ROWS = (
@@ -39,6 +42,10 @@ TABLE_ROWS = (
     ("step", "step of last eval"),
 )
 TRAJECTORY_COLUMNS = ("step", "val_ce", "val_ppl", "val_loss", "val_R", "val_u")
+
+
+class AblationInterrupted(RuntimeError):
+    """A training run of the ablation stopped before its step budget."""
 
 
 @dataclass
@@ -64,7 +71,11 @@ class RunSummary:
 def train_variants(
     data: str, steps: int, out: str | Path, preset: str = "tiny", console=None, **overrides
 ) -> dict[str, Path]:
-    """Train (or resume) both variants with identical settings; returns variant -> run folder."""
+    """Train (or resume) both variants with identical settings; returns variant -> run folder.
+
+    Raises AblationInterrupted when a run stops early (Ctrl+C): the next variant is not
+    started, and running the same call again resumes where it stopped.
+    """
     from ..config import model_args_for, train_args_for
     from ..io import checkpoint_dirs
     from ..training import run_training
@@ -82,32 +93,37 @@ def train_variants(
                 f"[bold]ablation: {variant}[/] -> {run_dir}" + (" (resuming)" if resume else "")
             )
         runs[variant] = Path(run_training(train_args, model_args, resume=resume, console=console))
+        reached = _last_eval_step(run_dir)
+        if reached < steps:
+            raise AblationInterrupted(
+                f"the {variant} run stopped before step {steps} (last evaluation at step "
+                f"{reached}); run the same command again to resume it"
+            )
     return runs
+
+
+def _last_eval_step(run_dir: Path) -> int:
+    """A finished run evaluates at its last step, so this tells whether it got there."""
+    try:
+        return int(read_evals(run_dir)[-1]["step"])
+    except ValueError:  # stopped before its first evaluation
+        return 0
 
 
 # ---------------------------------------------------------------------------- reading runs
 
 
 def read_evals(run_dir: str | Path) -> list[dict]:
-    """The run's evaluation rows, by step (a resumed run may log a step twice: the last wins)."""
-    path = Path(run_dir) / METRICS_NAME
-    if not path.is_file():
-        raise ValueError(f"{run_dir} has no {METRICS_NAME}: is it a `kssm train` run folder?")
-    by_step: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if row.get("kind") == "eval":
-                by_step[int(row["step"])] = row
-    if not by_step:
-        raise ValueError(f'{path} has no evaluations yet (rows with "kind": "eval")')
-    rows = [by_step[s] for s in sorted(by_step)]
-    for row in rows:
+    """The run's evaluation rows by step (of a step logged twice, by a resume, the last)."""
+    _, evals = read_metrics(run_dir)
+    if not evals:
+        raise ValueError(f"{Path(run_dir) / METRICS_NAME} has no evaluations yet")
+    for row in evals:  # older logs carry u per layer only
         if "val_u" not in row:
             row["val_u"] = (
                 float(np.mean(row["val_u_layers"])) if row.get("val_u_layers") else math.nan
             )
-    return rows
+    return evals
 
 
 def run_variant(run_dir: str | Path) -> str | None:

@@ -98,8 +98,8 @@ class Condition:
         return [s["metrics"][name] for s in self.samples]
 
     def summary(self, control: Condition) -> dict[str, float]:
-        means = {m: nanmean(self.metric(m)) for m in (*GENERATION_METRICS, "R", "goldilocks")}
-        means["R_forced"] = nanmean([s["metrics"]["R_forced"] for s in self.samples])
+        names = (*GENERATION_METRICS, "R", "R_forced", "goldilocks")
+        means = {m: nanmean(self.metric(m)) for m in names}
         means["identical_to_control"] = nanmean([s["identical"] for s in self.samples])
         means["ce"] = nanmean(self.ce)
         means["delta_ce"] = means["ce"] - nanmean(control.ce)
@@ -112,7 +112,7 @@ class Condition:
             "target_r": self.target_r,
             "omega_scale": self.omega_scale,
             "measured_r": self.measured_r,
-            "measured_r_generation": nanmean([s["metrics"]["R_forced"] for s in self.samples]),
+            "measured_r_generation": nanmean(self.metric("R_forced")),
             "r_max_abs_error": None if self.is_control else self.r_max_error,
             "metrics": self.summary(control),
             "teacher_forced": {"ce": self.ce, "kl": self.kl},
@@ -188,8 +188,8 @@ def applied(model, cond: Condition, layers: Sequence[int]) -> Iterator[dict | No
         yield {i: cond.target_r for i in layers}
 
 
-def _forced_layers_r(model, tokens: mx.array, layers: Sequence[int], force_r=None) -> float:
-    _, stats = model.forward(tokens, force_r=force_r)
+def _forced_layers_r(model, tokens: mx.array, layers: Sequence[int]) -> float:
+    _, stats = model.forward(tokens, key=mx.random.key(0))  # fixed noise, if any is drawn
     return float(mx.mean(stats.R_all[..., list(layers)]))
 
 
@@ -229,13 +229,15 @@ def eval_windows(tokens: Sequence[int], window: int, max_tokens: int) -> list[li
 
 
 def packaged_eval_text() -> Path | None:
-    """The validation split of the corpus packaged under mlx_kssm/data/, if there is one."""
-    found = sorted((Path(__file__).resolve().parents[1] / "data").glob("**/*valid*.txt"))
+    """The validation split of the sample corpus shipped with the package, if there is one."""
+    from ..data import corpus_folder
+
+    found = sorted(corpus_folder().glob("valid*.txt"))
     return found[0] if found else None
 
 
-def _log_probs(model, inputs: mx.array, force_r) -> tuple[mx.array, mx.array]:
-    logits, stats = model.forward(inputs, force_r=force_r)
+def _log_probs(model, inputs: mx.array, force_r, key: mx.array) -> tuple[mx.array, mx.array]:
+    logits, stats = model.forward(inputs, key=key, force_r=force_r)
     logits = logits[0].astype(mx.float32)
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True), stats.R_all[0]
 
@@ -249,14 +251,21 @@ def _segment_means(values: mx.array, segment: int) -> list[float]:
 def measure_teacher_forced(
     model, conditions: Sequence[Condition], layers: Sequence[int], windows, segment: int
 ) -> None:
-    """Per segment: CE and KL(free || forced) of every condition; the forced layers' R."""
-    for w in windows:
+    """Per segment: CE and KL(free || forced) of every condition; the forced layers' R.
+
+    Each window's forward passes share one key, so a model that draws phase noise at eval
+    draws the same noise in every condition: differences come from the intervention only.
+    """
+    for index, w in enumerate(windows):
         inputs, targets = mx.array([w[:-1]]), mx.array(w[1:])
-        free_logp, free_R = _log_probs(model, inputs, None)
+        key = mx.random.key(index)
+        free_logp, free_R = _log_probs(model, inputs, None, key)
         for cond in conditions:
             with applied(model, cond, layers) as force_r:
                 logp, R = (
-                    (free_logp, free_R) if cond.is_control else _log_probs(model, inputs, force_r)
+                    (free_logp, free_R)
+                    if cond.is_control
+                    else _log_probs(model, inputs, force_r, key)
                 )
             nll = -mx.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
             kl = mx.sum(mx.exp(free_logp) * (free_logp - logp), axis=-1)
