@@ -4,8 +4,6 @@ then takes the preset's value, a resumed run the value its checkpoint recorded."
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from .errors import fail
@@ -16,84 +14,124 @@ _LOOP = "Evaluation, checkpoints, logging"
 
 
 def train(
-    checkpoint: Optional[str] = typer.Argument(
+    checkpoint: str | None = typer.Argument(
         None,
-        metavar="[CHECKPOINT]",
+        metavar="CHECKPOINT",
         help="With --resume: the checkpoint folder (or run folder) to continue from; "
         "default: the newest checkpoint in --out.",
         show_default=False,
     ),
-    preset: Optional[str] = typer.Option(
+    preset: str | None = typer.Option(
         None, "--preset", help="published (46M, default) | small | tiny: model + schedule."
     ),
-    data: Optional[str] = typer.Option(
+    data: str | None = typer.Option(
         None,
         "--data",
         help="A folder with train.txt/valid.txt, a .txt/.jsonl/.parquet file, 'sotu-sample' "
-        "(shipped) or a hub dataset (default wikitext-103-raw-v1; needs a network).",
+        "(shipped; the tiny preset's default) or a hub dataset (default "
+        "wikitext-103-raw-v1; needs a network).",
     ),
-    out: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/kssm)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer updates in total."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Init, data order and noise."),
+    out: str | None = typer.Option(None, "--out", help="Run folder (default runs/kssm)."),
+    steps: int | None = typer.Option(None, "--steps", help="Optimizer updates in total."),
+    seed: int | None = typer.Option(None, "--seed", help="Init, data order and noise."),
     resume: bool = typer.Option(
         False, "--resume", help="Continue exactly from the newest checkpoint (or CHECKPOINT)."
     ),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per micro-batch."),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per update."),
-    seq_length: Optional[int] = typer.Option(None, "--seq-length", help="Tokens per window."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate.", rich_help_panel=_SCHEDULE),
-    warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warmup steps.", rich_help_panel=_SCHEDULE),
-    schedule: Optional[str] = typer.Option(
-        None, "--schedule", help="cosine (to 0) | constant, after warmup.", rich_help_panel=_SCHEDULE
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per micro-batch."),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Micro-batches per update."),
+    seq_length: int | None = typer.Option(None, "--seq-length", help="Tokens per window."),
+    lr: float | None = typer.Option(
+        None, "--lr", help="Peak learning rate.", rich_help_panel=_SCHEDULE
     ),
-    decay_steps: Optional[int] = typer.Option(
+    warmup: int | None = typer.Option(
+        None, "--warmup", help="Linear warmup steps.", rich_help_panel=_SCHEDULE
+    ),
+    schedule: str | None = typer.Option(
+        None,
+        "--schedule",
+        help="cosine (to 0) | constant, after warmup.",
+        rich_help_panel=_SCHEDULE,
+    ),
+    decay_steps: int | None = typer.Option(
         None,
         "--decay-steps",
         help="Step where the cosine reaches 0 (default --steps); set it to train in legs.",
         rich_help_panel=_SCHEDULE,
     ),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", rich_help_panel=_SCHEDULE),
-    beta1: Optional[float] = typer.Option(None, "--beta1", rich_help_panel=_SCHEDULE),
-    beta2: Optional[float] = typer.Option(None, "--beta2", rich_help_panel=_SCHEDULE),
-    adam_eps: Optional[float] = typer.Option(None, "--adam-eps", rich_help_panel=_SCHEDULE),
-    grad_clip: Optional[float] = typer.Option(
+    weight_decay: float | None = typer.Option(
+        None,
+        "--weight-decay",
+        help="AdamW decoupled weight decay, on every parameter.",
+        rich_help_panel=_SCHEDULE,
+    ),
+    beta1: float | None = typer.Option(
+        None, "--beta1", help="AdamW beta1.", rich_help_panel=_SCHEDULE
+    ),
+    beta2: float | None = typer.Option(
+        None, "--beta2", help="AdamW beta2.", rich_help_panel=_SCHEDULE
+    ),
+    adam_eps: float | None = typer.Option(
+        None, "--adam-eps", help="AdamW epsilon.", rich_help_panel=_SCHEDULE
+    ),
+    grad_clip: float | None = typer.Option(
         None, "--grad-clip", help="Global gradient-norm clip.", rich_help_panel=_SCHEDULE
     ),
-    lambda_reg: Optional[float] = typer.Option(
+    lambda_reg: float | None = typer.Option(
         None,
         "--lambda-reg",
         help="Weight of the regulariser (default 0.5 bistable, 0.0 monostable).",
         rich_help_panel=_SCHEDULE,
     ),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", rich_help_panel=_LOOP),
-    eval_batches: Optional[int] = typer.Option(
+    eval_every: int | None = typer.Option(
+        None, "--eval-every", help="Steps between evaluations.", rich_help_panel=_LOOP
+    ),
+    eval_batches: int | None = typer.Option(
         None, "--eval-batches", help="Fixed validation batches.", rich_help_panel=_LOOP
     ),
-    save_every: Optional[int] = typer.Option(None, "--save-every", rich_help_panel=_LOOP),
-    keep_last: Optional[int] = typer.Option(
+    save_every: int | None = typer.Option(
+        None, "--save-every", help="Steps between checkpoints.", rich_help_panel=_LOOP
+    ),
+    keep_last: int | None = typer.Option(
         None, "--keep-last", help="Rolling checkpoints kept.", rich_help_panel=_LOOP
     ),
-    sample_tokens: Optional[int] = typer.Option(
+    sample_tokens: int | None = typer.Option(
         None, "--sample-tokens", help="Sample length at each eval (0: none).", rich_help_panel=_LOOP
     ),
-    log_every: Optional[int] = typer.Option(
-        None, "--log-every", help="Steps between train rows in metrics.jsonl.", rich_help_panel=_LOOP
-    ),
-    max_nonfinite: Optional[int] = typer.Option(
-        None, "--max-nonfinite", help="Stop after this many non-finite steps in a row.",
+    log_every: int | None = typer.Option(
+        None,
+        "--log-every",
+        help="Steps between train rows in metrics.jsonl.",
         rich_help_panel=_LOOP,
     ),
-    monostable: Optional[bool] = typer.Option(
+    max_nonfinite: int | None = typer.Option(
+        None,
+        "--max-nonfinite",
+        help="Stop after this many non-finite steps in a row.",
+        rich_help_panel=_LOOP,
+    ),
+    monostable: bool | None = typer.Option(
         None, "--monostable", help="The ablation control: u is not clamped.", rich_help_panel=_MODEL
     ),
-    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", rich_help_panel=_MODEL),
-    hidden_dim: Optional[int] = typer.Option(None, "--hidden-dim", rich_help_panel=_MODEL),
-    n_layers: Optional[int] = typer.Option(None, "--n-layers", rich_help_panel=_MODEL),
-    n_oscillators: Optional[int] = typer.Option(None, "--n-oscillators", rich_help_panel=_MODEL),
-    n_harmonics: Optional[int] = typer.Option(None, "--n-harmonics", rich_help_panel=_MODEL),
-    max_positions: Optional[int] = typer.Option(None, "--max-positions", rich_help_panel=_MODEL),
-    eval_noise: Optional[bool] = typer.Option(
-        None, "--eval-noise", help="Draw the phase noise at eval too (as PyTorch did).",
+    vocab_size: int | None = typer.Option(
+        None, "--vocab-size", help="Vocabulary (cl100k_base: 100277).", rich_help_panel=_MODEL
+    ),
+    hidden_dim: int | None = typer.Option(
+        None, "--hidden-dim", help="Width d.", rich_help_panel=_MODEL
+    ),
+    n_layers: int | None = typer.Option(None, "--n-layers", help="Blocks.", rich_help_panel=_MODEL),
+    n_oscillators: int | None = typer.Option(
+        None, "--n-oscillators", help="Oscillators per layer.", rich_help_panel=_MODEL
+    ),
+    n_harmonics: int | None = typer.Option(
+        None, "--n-harmonics", help="Harmonics of the readout.", rich_help_panel=_MODEL
+    ),
+    max_positions: int | None = typer.Option(
+        None, "--max-positions", help="Learned positions (>= --seq-length).", rich_help_panel=_MODEL
+    ),
+    eval_noise: bool | None = typer.Option(
+        None,
+        "--eval-noise",
+        help="Draw the phase noise at eval too (as PyTorch did).",
         rich_help_panel=_MODEL,
     ),
 ) -> None:
@@ -105,13 +143,38 @@ def train(
     from mlx_kssm.training import TrainingStopped, resolve_args, run_training
 
     train_fields = [
-        "data", "out", "steps", "seed", "batch_size", "grad_accum", "seq_length", "lr", "warmup",
-        "schedule", "decay_steps", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip",
-        "lambda_reg", "eval_every", "eval_batches", "save_every", "keep_last", "sample_tokens",
-        "log_every", "max_nonfinite",
+        "data",
+        "out",
+        "steps",
+        "seed",
+        "batch_size",
+        "grad_accum",
+        "seq_length",
+        "lr",
+        "warmup",
+        "schedule",
+        "decay_steps",
+        "weight_decay",
+        "beta1",
+        "beta2",
+        "adam_eps",
+        "grad_clip",
+        "lambda_reg",
+        "eval_every",
+        "eval_batches",
+        "save_every",
+        "keep_last",
+        "sample_tokens",
+        "log_every",
+        "max_nonfinite",
     ]
     model_fields = [
-        "vocab_size", "hidden_dim", "n_layers", "n_oscillators", "n_harmonics", "max_positions",
+        "vocab_size",
+        "hidden_dim",
+        "n_layers",
+        "n_oscillators",
+        "n_harmonics",
+        "max_positions",
         "eval_noise",
     ]
     train_overrides = {k: given[k] for k in train_fields if given[k] is not None}
@@ -138,7 +201,7 @@ def train(
 
 def plot(
     run_dir: str = typer.Argument(..., metavar="RUN_DIR", help="A `kssm train` run folder."),
-    out: Optional[str] = typer.Option(
+    out: str | None = typer.Option(
         None, "--out", help="Where to write the PNGs (default RUN_DIR/figures)."
     ),
 ) -> None:

@@ -157,7 +157,7 @@ def group_documents(lines: Iterable[str]) -> Iterator[str]:
     """Group text lines into documents: at WikiText titles when the text has any, else at
     blank lines (one paragraph block per document, as in ``../shared/corpora/sotu``)."""
     lines = iter(lines)
-    head = [line for _, line in zip(range(TITLE_LOOKAHEAD), lines)]
+    head = [line for _, line in zip(range(TITLE_LOOKAHEAD), lines, strict=False)]
     by_title = any(TITLE_LINE.match(line) for line in head)
     current: list[str] = []
     for line in _chain(head, lines):
@@ -315,8 +315,10 @@ def source_fingerprint(source: Source) -> str:
 
 def cache_folder(source: Source, root: Path | None = None) -> Path:
     """One cache folder per source location (a changed source replaces its own cache)."""
-    where = source.hub if source.kind == "hub" else sorted(
-        str(f.resolve()) for fs in source.files.values() for f in fs
+    where = (
+        source.hub
+        if source.kind == "hub"
+        else sorted(str(f.resolve()) for fs in source.files.values() for f in fs)
     )
     key = hashlib.sha256(json.dumps([source.kind, where]).encode()).hexdigest()[:12]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(source.name).name or source.name)[:40]
@@ -336,7 +338,13 @@ def prepare_tokens(source: Source, console=None, root: Path | None = None) -> To
     if stale and console is not None:
         console.print(f"[yellow]{source.name}: {stale}; tokenising again[/]")
     _tokenise_source(source, folder, fingerprint, tokenizer, console)
-    return open_token_folder(folder)
+    tokens = open_token_folder(folder)
+    if console is not None:
+        console.print(
+            f"tokenised {source.name}: {tokens.train.size:,} train + {tokens.valid.size:,} "
+            f"valid tokens in {folder}"
+        )
+    return tokens
 
 
 def _stale_reason(folder: Path, fingerprint: str, tokenizer: dict) -> str | None:
@@ -368,7 +376,9 @@ def _tokenise_source(
             else:
                 set_total(sum(f.stat().st_size for fs in source.files.values() for f in fs))
                 streams = {k: _file_documents(fs, advance) for k, fs in source.files.items()}
-            counts = {k: _write_tokens(docs, tmp / f"tokens.{k}.bin") for k, docs in streams.items()}
+            counts = {
+                k: _write_tokens(docs, tmp / f"tokens.{k}.bin") for k, docs in streams.items()
+            }
         splits = {k: {"file": f"tokens.{k}.bin", "start": 0, "stop": n} for k, n in counts.items()}
         if "valid" not in splits:
             splits = _hold_out(tmp / splits["train"]["file"], counts["train"], tokenizer["eot"])
@@ -557,9 +567,7 @@ class _progress:
         )
         self._bar.start()
         task = self._bar.add_task(self.description, total=None)
-        return (lambda n: self._bar.advance(task, n)), (
-            lambda n: self._bar.update(task, total=n)
-        )
+        return (lambda n: self._bar.advance(task, n)), (lambda n: self._bar.update(task, total=n))
 
     def __exit__(self, *exc):
         if self._bar is not None:

@@ -43,11 +43,12 @@ from .checkpoint import (
     load_trainer_state,
     save_training_checkpoint,
 )
-from .config import TRAIN_PRESETS, ModelArgs, TrainArgs, model_args_for
+from .config import ModelArgs, TrainArgs, model_args_for, train_args_for
 from .data import DataError, DataOrder, TokenData, as_windows, eval_window_ids
 from .io import (
     CHECKPOINTS_DIR,
     CONFIG_NAME,
+    WEIGHTS_NAME,
     atomic_folder,
     checkpoint_dirs,
     read_config,
@@ -234,27 +235,16 @@ def resolve_args(
     recorded (its config.json and train_args, possibly partial) + the overrides given now."""
     if not resume:
         preset = preset or "published"
-        _check_preset(preset)
-        train = TrainArgs.from_dict({**TRAIN_PRESETS[preset], "preset": preset, **train_overrides})
-        return train, model_args_for(preset, **model_overrides)
+        return train_args_for(preset, **train_overrides), model_args_for(preset, **model_overrides)
     out = Path(train_overrides.get("out") or TrainArgs.out)
     ckpt = find_checkpoint(True if resume is True else resume, out)
     recorded = _recorded_train_args(ckpt)
-    preset = preset or recorded.get("preset") or "published"
-    _check_preset(preset)
+    preset = preset or recorded.pop("preset", None) or "published"
+    recorded.pop("preset", None)
     if "out" not in train_overrides and ckpt.parent.name == CHECKPOINTS_DIR:
         train_overrides = {**train_overrides, "out": str(ckpt.parent.parent)}
-    merged = {**TRAIN_PRESETS[preset], **recorded, "preset": preset, **train_overrides}
-    try:
-        model = ModelArgs.from_dict({**read_config(ckpt).to_dict(), **model_overrides})
-    except ValueError as err:
-        raise TrainingInputError(str(err)) from None
-    return TrainArgs.from_dict(merged), model
-
-
-def _check_preset(preset: str) -> None:
-    if preset not in TRAIN_PRESETS:
-        raise TrainingInputError(f"unknown preset {preset!r}; choose {', '.join(TRAIN_PRESETS)}")
+    train = train_args_for(preset, **{**recorded, **train_overrides})
+    return train, ModelArgs.from_dict({**read_config(ckpt).to_dict(), **model_overrides})
 
 
 def _recorded_train_args(ckpt: Path) -> dict[str, Any]:
@@ -445,8 +435,11 @@ def restore_state(saved: dict[str, Any], args: TrainArgs, data: TokenData, say) 
 class Trainer:
     """One run: model, optimizer, data and loop state, and the files of the run folder."""
 
-    def __init__(self, args: TrainArgs, model_args: ModelArgs, data: TokenData, out: Path):
+    def __init__(
+        self, args: TrainArgs, model_args: ModelArgs, data: TokenData, out: Path, say=print
+    ):
         self.args, self.model_args, self.data, self.out = args, model_args, data, out
+        self.say = say  # one-line messages for the user
         self.lambda_reg = lambda_reg_for(args, model_args)
         self.train_windows = as_windows(data.train, args.seq_length)  # (n, L+1)
         valid = as_windows(data.valid, args.seq_length)
@@ -457,12 +450,9 @@ class Trainer:
         self.model = build_model(model_args)
         self.optimizer = make_optimizer(args)
         self.state = LoopState()
-        self.say = lambda message: None
 
     def restore(self, ckpt: Path) -> None:
         """Load weights, optimizer state and loop state from a training checkpoint."""
-        from .io import WEIGHTS_NAME
-
         weights = self.model.sanitize(mx.load(str(ckpt / WEIGHTS_NAME)))
         self.model.load_weights(list(weights.items()))
         self.optimizer.state = load_optimizer_state(ckpt)
@@ -488,8 +478,7 @@ class Trainer:
         total, grads = None, None
         for micro in range(args.grad_accum):
             loss, aux, g = self.fns.micro_step(self.next_batch(), noise_key(args.seed, step, micro))
-            terms = (loss, *aux)
-            total = terms if total is None else tuple(a + b for a, b in zip(total, terms))
+            total = _add(total, (loss, *aux))
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(total, grads)  # one micro-batch's activations at a time
         if args.grad_accum > 1:
@@ -537,8 +526,7 @@ class Trainer:
                 batch = mx.array(self.eval_windows[start : start + self.args.batch_size])
                 key = noise_key(self.args.seed, 1, i) if self.model_args.eval_noise else None
                 ce_sum, reg, R, u, det = self.fns.eval_batch(batch, key)
-                parts = (ce_sum, reg, R, u, det)
-                sums = parts if sums is None else tuple(a + b for a, b in zip(sums, parts))
+                sums = _add(sums, (ce_sum, reg, R, u, det))
                 mx.eval(sums)
                 n_tokens += batch.shape[0] * (batch.shape[1] - 1)
                 n_batches += 1
@@ -605,6 +593,11 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _add(total: tuple | None, terms: tuple) -> tuple:
+    """Element-wise running sum of tuples of arrays (the first call starts it)."""
+    return terms if total is None else tuple(a + b for a, b in zip(total, terms, strict=True))
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -636,8 +629,8 @@ def run_training(
             "add --resume to continue it, or choose another --out"
         )
     if ckpt is not None:
-        _check_same_model(ckpt, model_args)
-        if ckpt.parent != out / CHECKPOINTS_DIR and checkpoint_dirs(out):
+        _check_same_model(ckpt, model_args, _sayer(console))
+        if ckpt.resolve().parent != (out / CHECKPOINTS_DIR).resolve() and checkpoint_dirs(out):
             raise TrainingInputError(
                 f"{out} already holds another run's checkpoints; choose an empty --out to "
                 f"continue {ckpt} in"
@@ -647,8 +640,7 @@ def run_training(
 
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out, console), StopRequest(console) as stop:
-        trainer = Trainer(args, model_args, data, out)
-        trainer.say = _sayer(console)
+        trainer = Trainer(args, model_args, data, out, say=_sayer(console))
         if ckpt is not None:
             trainer.restore(ckpt)
         if trainer.state.step >= args.steps:
@@ -657,7 +649,7 @@ def run_training(
         _remove_leftovers(out)
         trainer.build()
         _write_json(out / CONFIG_FILE, _run_config(trainer, ckpt))
-        log = MetricsLog(out / METRICS_NAME, keep_until=trainer.state.step if ckpt else 0)
+        log = MetricsLog(out / METRICS_NAME, keep_until=trainer.state.step if ckpt else -1)
         start = {"kind": "resume" if ckpt else "start", "step": trainer.state.step, "time": _now()}
         log.write({**start, "from": str(ckpt) if ckpt else None})
         _loop(trainer, log, stop, console)
@@ -724,14 +716,32 @@ def _diverged_message(trainer: Trainer, last_saved: int) -> str:
     )
 
 
-def _check_same_model(ckpt: Path, model_args: ModelArgs) -> None:
+# ModelArgs fields that decide the weights' shapes: they cannot change when resuming.
+SHAPE_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_dim",
+    "n_layers",
+    "n_oscillators",
+    "n_harmonics",
+    "max_positions",
+    "ffn_mult",
+)
+
+
+def _check_same_model(ckpt: Path, model_args: ModelArgs, say) -> None:
+    """Refuse another model shape; report other changed settings (e.g. --monostable)."""
     recorded = read_config(ckpt).to_dict()
-    wanted = model_args.to_dict()
-    diff = [f"{k} {recorded.get(k)} -> {v}" for k, v in wanted.items() if recorded.get(k) != v]
-    if diff:
+    changed = {k: (recorded.get(k), v) for k, v in model_args.to_dict().items()}
+    changed = {k: pair for k, pair in changed.items() if pair[0] != pair[1]}
+    shapes = [f"{k} {a} -> {b}" for k, (a, b) in changed.items() if k in SHAPE_FIELDS]
+    if shapes:
         raise TrainingInputError(
-            f"the model differs from the checkpoint's ({ckpt / CONFIG_NAME}): {', '.join(diff)}"
+            f"the model's shape differs from the checkpoint's ({ckpt / CONFIG_NAME}): "
+            + ", ".join(shapes)
         )
+    for k, (a, b) in changed.items():
+        say(f"model setting {k} changed since the checkpoint: {a} -> {b}")
 
 
 def _check_data(data: TokenData, args: TrainArgs, model_args: ModelArgs) -> None:
@@ -764,9 +774,7 @@ def _absolute_paths(args: TrainArgs) -> TrainArgs:
 
 
 def _run_config(trainer: Trainer, ckpt: Path | None) -> dict[str, Any]:
-    from mlx.utils import tree_flatten as flat
-
-    n_params = sum(v.size for _, v in flat(trainer.model.parameters()))
+    n_params = sum(v.size for _, v in tree_flatten(trainer.model.parameters()))
     meta = trainer.data.meta
     return {
         "train": trainer.args.to_dict(),
@@ -852,8 +860,18 @@ class MetricsLog:
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(row, allow_nan=True) + "\n")
-            f.flush()
+            f.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
+
+
+def _json_safe(value):
+    """NaN and infinities (a skipped step's loss) become null: strict JSON for any reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -942,7 +960,8 @@ class TrainProgress:
         u = float(np.mean(metrics["u_layers"]))
         info = (
             f"{tokens_per_s:,.0f} tok/s  loss {metrics['loss']:.3f}  ce {metrics['ce']:.3f}  "
-            f"R {metrics['R']:.3f}  u {u:+.3f}" + ("  [red]skipped[/]" if metrics["skipped"] else "")
+            f"R {metrics['R']:.3f}  u {u:+.3f}"
+            + ("  [red]skipped[/]" if metrics["skipped"] else "")
         )
         self._bar.update(self._task, completed=step, info=info)
 

@@ -103,7 +103,9 @@ def test_tokenising_a_folder_matches_the_tokenizer_and_caches(tmp_path, cache):
     for doc in group_documents(lines(WIKI)):
         expected += encode(doc) + [eot]
     assert tokens.train.tolist() == expected
-    assert tokens.valid.tolist() == encode("One paragraph.") + [eot] + encode("Another one.") + [eot]
+    assert tokens.valid.tolist() == encode("One paragraph.") + [eot] + encode("Another one.") + [
+        eot
+    ]
     meta = json.loads((tokens.folder / "meta.json").read_text())
     assert meta["n_tokens"] == {"train": len(expected), "valid": tokens.valid.size}
     assert meta["tokenizer"]["name"] == "cl100k_base" and meta["fingerprint"]
@@ -206,3 +208,14 @@ def test_token_folder_roundtrip_and_truncation(tmp_path):
         f.truncate(40)  # 10 tokens left of 50
     with pytest.raises(DataError, match="sidecar expects 50"):
         open_token_folder(folder)
+
+
+def test_the_shipped_corpus_tokenises_into_enough_for_the_tiny_preset():
+    from mlx_kssm.config import train_args_for
+
+    args = train_args_for("tiny")
+    assert args.data == data.SAMPLE_CORPUS
+    tokens = prepare_tokens(resolve_source(args.data))
+    train_windows = len(as_windows(tokens.train, args.seq_length))
+    assert tokens.train.size > 200_000 and train_windows >= args.steps * args.batch_size
+    assert len(as_windows(tokens.valid, args.seq_length)) >= args.eval_batches * args.batch_size

@@ -261,12 +261,11 @@ def measure_teacher_forced(
         key = mx.random.key(index)
         free_logp, free_R = _log_probs(model, inputs, None, key)
         for cond in conditions:
-            with applied(model, cond, layers) as force_r:
-                logp, R = (
-                    (free_logp, free_R)
-                    if cond.is_control
-                    else _log_probs(model, inputs, force_r, key)
-                )
+            if cond.is_control:
+                logp, R = free_logp, free_R
+            else:
+                with applied(model, cond, layers) as force_r:
+                    logp, R = _log_probs(model, inputs, force_r, key)
             nll = -mx.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
             kl = mx.sum(mx.exp(free_logp) * (free_logp - logp), axis=-1)
             R = R[:, list(layers)]

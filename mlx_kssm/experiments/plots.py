@@ -1,10 +1,10 @@
 """`kssm plot RUN_DIR`: PNG figures of a training run, drawn from its metrics.jsonl.
 
-    loss.png      train CE and total loss, val CE and val loss (the published "val loss")
-    R.png         the order parameter R: val R per layer, train R (mean over layers)
-    u.png         the reduced variable u and |det| per layer (val; train where no eval yet)
-    summary.png   the four trajectories the paper followed (loss, R, u, |det|) side by side,
-                  with the published K-SSM v3 numbers marked where the run reaches their step
+loss.png      train CE and total loss, val CE and val loss (the published "val loss")
+R.png         the order parameter R: val R per layer, train R (mean over layers)
+u.png         the reduced variable u and |det| per layer (val; train where no eval yet)
+summary.png   the four trajectories the paper followed (loss, R, u, |det|) side by side,
+              with the published K-SSM v3 numbers marked where the run reaches their step
 """
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ PUBLISHED = {
         "val_R": [(15_000, 0.4908), (100_000, 0.9928)],
         "val_u": [(15_000, 0.103)],
     },
-    "monostable": {"val_loss": [(15_000, 10.93)], "val_R": [(15_000, 0.4043)], "val_u": [(15_000, -0.975)]},
+    "monostable": {
+        "val_loss": [(15_000, 10.93)],
+        "val_R": [(15_000, 0.4043)],
+        "val_u": [(15_000, -0.975)],
+    },
 }
 
 
@@ -70,7 +74,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         ncols = 2 if len(panels) > 1 else 1
         nrows = (len(panels) + 1) // 2
         fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 4.2 * nrows), squeeze=False)
-        for panel, ax in zip(panels, axes.flat):
+        for panel, ax in zip(panels, axes.flat, strict=False):
             panel(ax, train, evals, variant if name == "summary" else None)
         fig.suptitle(f"{Path(run_dir).resolve().name}: {name}")
         fig.tight_layout()
@@ -87,8 +91,15 @@ def _loss(ax, train, evals, variant) -> None:
     if evals:
         steps = [r["step"] for r in evals]
         ax.plot(steps, [r["val_ce"] for r in evals], "o-", color="C1", ms=3, label="val CE")
-        ax.plot(steps, [r["val_loss"] for r in evals], "s--", color="C3", ms=3, lw=1,
-                label="val loss (CE + λ·reg)")
+        ax.plot(
+            steps,
+            [r["val_loss"] for r in evals],
+            "s--",
+            color="C3",
+            ms=3,
+            lw=1,
+            label="val loss (CE + λ·reg)",
+        )
     _published(ax, variant, "val_loss", train, evals)
     ax.set(xlabel="step", ylabel="nats per token", title="loss")
     ax.legend(fontsize=8)
@@ -96,8 +107,13 @@ def _loss(ax, train, evals, variant) -> None:
 
 def _order_parameter(ax, train, evals, variant) -> None:
     if train:
-        ax.plot([r["step"] for r in train], [r["R"] for r in train], color="0.6", lw=1,
-                label="train R (mean)")
+        ax.plot(
+            [r["step"] for r in train],
+            [r["R"] for r in train],
+            color="0.6",
+            lw=1,
+            label="train R (mean)",
+        )
     for layer, values in enumerate(_per_layer(evals, "val_R_layers")):
         ax.plot([r["step"] for r in evals], values, "o-", ms=3, label=f"val R, layer {layer}")
     _published(ax, variant, "val_R", train, evals)
@@ -118,8 +134,10 @@ def _reduced_variable(ax, train, evals, variant) -> None:
 def _determinant(ax, train, evals, variant) -> None:
     rows, key, where = (evals, "val_det_layers", "val") if evals else (train, "det_layers", "train")
     for layer, values in enumerate(_per_layer(rows, key)):
-        ax.plot([r["step"] for r in rows], values, "o-", ms=3, label=f"{where} |det|, layer {layer}")
-    ax.set(xlabel="step", ylabel="|det|", title="|det| (mean)", yscale="log")
+        ax.plot(
+            [r["step"] for r in rows], values, "o-", ms=3, label=f"{where} |det|, layer {layer}"
+        )
+    ax.set(xlabel="step", ylabel="|det|", title="|det| (mean)")
     ax.legend(fontsize=8)
 
 
@@ -128,7 +146,7 @@ def _per_layer(rows: list[dict], key: str) -> list[list[float]]:
     lists = [r[key] for r in rows if r.get(key)]
     if len(lists) != len(rows):
         return []
-    return [list(values) for values in zip(*lists)]
+    return [list(values) for values in zip(*lists, strict=True)]
 
 
 def _published(ax, variant, key, train, evals) -> None:
@@ -138,7 +156,7 @@ def _published(ax, variant, key, train, evals) -> None:
     last = max([r["step"] for r in train + evals], default=0)
     points = [(s, v) for s, v in PUBLISHED[variant].get(key, []) if s <= last]
     if points:
-        ax.plot(*zip(*points), "*", color="k", ms=10, label=f"published {variant}")
+        ax.plot(*zip(*points, strict=True), "*", color="k", ms=10, label=f"published {variant}")
 
 
 def _variant(run_dir) -> str:

@@ -93,6 +93,15 @@ def attach_text(result: dict, decode: Callable[[list[int]], str], prompts: Seque
             sample["text"] = decode(sample["tokens"])
 
 
+def samples_section(result: dict, groups: Sequence[dict], key: str, header: str) -> str:
+    """The first prompt's trial-0 text in every condition or model (after attach_text)."""
+    if not result.get("prompts"):
+        return ""
+    rows = [[g[key], repr(g["samples"][0].get("text", ""))] for g in groups]
+    heading = f"## Sample generations (prompt {result['prompts'][0]!r}, trial 0)\n\n"
+    return heading + md_table([header, "text"], rows)
+
+
 # ---------------------------------------------------------------------------- intervene
 
 
@@ -175,12 +184,7 @@ def intervene_markdown(result: dict, model: str = "") -> str:
     parts.append(f"## Verdict\n\n**{result['verdict']['text']}**\n")
     parts.append("## Conditions\n\n" + md_table(*condition_rows(result)))
     parts.append("## Tests (Holm-corrected p)\n\n" + md_table(*significance_matrix(result)))
-    if result.get("prompts"):
-        rows = [[c["name"], repr(c["samples"][0].get("text", ""))] for c in result["conditions"]]
-        parts.append(
-            f"## Sample generations (prompt {result['prompts'][0]!r}, trial 0)\n\n"
-            + md_table(["condition", "text"], rows)
-        )
+    parts.append(samples_section(result, result["conditions"], "name", "condition"))
     parts.append(INTERVENE_DEFINITIONS)
     parts.append("## All tests\n\n" + md_table(*all_tests_rows(result)))
     return "\n".join(parts)
@@ -249,7 +253,10 @@ def compare_markdown(result: dict) -> str:
         f"{models}\n- {s['n_prompts']} prompts × {s['trials']} trials on each model (seeds "
         f"{s['seed']}..{s['seed'] + s['trials'] - 1}), temperature {s['temp']}, at most "
         f"{s['max_tokens']} tokens; two-sample Welch t-tests, Holm-corrected.\n\n"
-        f"**{result['verdict']['text']}**\n\n" + md_table(*compare_rows(result))
+        f"**{result['verdict']['text']}**\n\n"
+        + md_table(*compare_rows(result))
+        + "\n"
+        + samples_section(result, result["models"], "label", "model")
     )
 
 
