@@ -19,7 +19,9 @@ PromptsOpt = Annotated[
 TempOpt = Annotated[float, typer.Option("--temp", help="Temperature; 0 = greedy.")]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens; 0 = off.")]
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus mass to keep; 1 = off.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Trial t uses seed + t.")]
+SeedOpt = Annotated[
+    int, typer.Option("--seed", help="Prompt p, trial t use seed + p * trials + t.")
+]
 TrialsOpt = Annotated[int, typer.Option("--trials", help="Generations per prompt.")]
 AlphaOpt = Annotated[float, typer.Option("--alpha", help="Significance level (Holm-corrected).")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the full result here.")]
@@ -123,7 +125,7 @@ def sample(
         int,
         typer.Option("--max-tokens", help="Tokens per prompt (fewer if positions run out)."),
     ] = 100,
-    seed: SeedOpt = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (every prompt).")] = 0,
     show_r: Annotated[
         bool, typer.Option("--show-r", help="Print R (per layer, mean) and U per token.")
     ] = False,

@@ -115,6 +115,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         save_every=500,
     ),
     "tiny": dict(
+        data="sotu-sample",  # shipped with the package: trains with no network
         steps=300,
         batch_size=8,
         grad_accum=1,

@@ -150,10 +150,17 @@ def test_single_file_holds_out_the_end_at_a_document_boundary(tmp_path):
     assert 0.03 < share < 0.07
 
 
-def test_jsonl_through_datasets(tmp_path):
-    rows = [{"text": "First row is a document.", "id": 1}, {"text": "Second row.", "id": 2}]
-    path = tmp_path / "docs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows * 30))
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_tables_through_datasets_one_document_per_row(tmp_path, suffix):
+    rows = [{"text": "First row is a document.", "id": 1}, {"text": "Second row.", "id": 2}] * 30
+    path = tmp_path / f"docs{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
     tokens = prepare_tokens(resolve_source(str(path)))
     eot = eot_token()
     one = encode(rows[0]["text"]) + [eot] + encode(rows[1]["text"]) + [eot]

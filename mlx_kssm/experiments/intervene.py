@@ -15,9 +15,10 @@ Modes
             The measured R is reported either way.
 
 Measurements, per condition
-    generations  for every prompt and trial t (seed + t, the same in every condition, so a
-                 change of text can only come from the intervention): U, distinct-1/2/4,
-                 repetition (rep/16), length, R, and whether the text equals the control's.
+    generations  for every prompt p and trial t (seed + p * trials + t, the same in every
+                 condition, so a change of text can only come from the intervention): U,
+                 distinct-1/2/4, repetition (rep/16), length, R, and whether the text equals
+                 the control's.
     teacher-forced  on evaluation text, run in windows of up to 256 positions: cross-entropy,
                  and the KL divergence KL(p_free || p_forced) between the free and forced
                  next-token distributions, averaged over segments of 32 consecutive positions;

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
+from .stats import nanmean
+
 GOLDILOCKS_R = (0.40, 0.55)
 GOLDILOCKS_U = (0.40, 0.60)
 REPETITION_WINDOW = 16  # rep/16 of Welleck et al. (2019)
@@ -61,10 +63,6 @@ def repetition_rate(tokens: Sequence[int], window: int = REPETITION_WINDOW) -> f
     return hits / (len(tokens) - 1)
 
 
-def _mean(values: Sequence[float]) -> float:
-    return float(np.mean(values)) if len(values) else math.nan
-
-
 def text_metrics(tokens: Sequence[int]) -> dict[str, float]:
     """The metrics of generated tokens that do not need the model."""
     return {
@@ -78,10 +76,10 @@ def text_metrics(tokens: Sequence[int]) -> dict[str, float]:
 
 def generation_metrics(gen) -> dict[str, float]:
     """Text metrics plus mean R (over layers and steps), mean U and the Goldilocks fraction."""
-    R_mean = [float(np.mean(r)) for r in gen.R_layers]
+    R_mean = gen.R_mean
     return {
         **text_metrics(gen.tokens),
-        "U": _mean(gen.U),
-        "R": _mean(R_mean),
+        "U": nanmean(gen.U),
+        "R": nanmean(R_mean),
         "goldilocks": goldilocks_fraction(R_mean, gen.U),
     }

@@ -161,9 +161,14 @@ def all_tests_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def _seed_range(s: dict) -> str:
+    """Generation (prompt p, trial t) uses seed + p * trials + t."""
+    return f"{s['seed']}..{s['seed'] + s['n_prompts'] * s['trials'] - 1}"
+
+
 def _settings_lines(result: dict, model: str) -> list[str]:
     s = result["settings"]
-    seeds = f"{s['seed']}..{s['seed'] + s['trials'] - 1}"
+    seeds = _seed_range(s)
     return [
         f"- model: `{model}`",
         f"- mode: `{s['mode']}`; forced layers: {', '.join(map(str, s['layers']))}; "
@@ -218,9 +223,35 @@ def transposed(headers: Sequence[str], rows: Sequence[Sequence[str]]):
     ]
 
 
+def significance_summary(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Per metric: ANOVA, Pearson, and the smallest paired p with its condition (terminal)."""
+    headers = ["metric", "ANOVA p", "Pearson r", "Pearson p", "min paired p", "at"]
+    rows = []
+    for metric in (*GENERATION_METRICS, "ce", "kl"):
+        tests = {
+            t["test"]: t for t in result["tests"] if t["metric"] == metric and not t["condition"]
+        }
+        paired = [t for t in result["tests"] if t["metric"] == metric and t["condition"]]
+        best = min(
+            paired, key=lambda t: t["p_holm"] if t["p_holm"] == t["p_holm"] else 2.0, default=None
+        )
+        anova, r = tests.get("anova"), tests.get("pearson")
+        rows.append(
+            [
+                metric,
+                fmt_p(anova["p_holm"]) if anova else "–",
+                fmt(r["effect"], 3) if r else "–",
+                fmt_p(r["p_holm"]) if r else "–",
+                fmt_p(best["p_holm"]) if best else "–",
+                best["condition"] if best else "–",
+            ]
+        )
+    return headers, rows
+
+
 def print_intervene(result: dict, console) -> None:
     console.print(_rich_table("Conditions", *transposed(*condition_rows(result))))
-    console.print(_rich_table("Tests (Holm-corrected p)", *significance_matrix(result)))
+    console.print(_rich_table("Tests (Holm-corrected p)", *significance_summary(result)))
     console.print(f"[bold]{result['verdict']['text']}[/]")
 
 
@@ -251,7 +282,7 @@ def compare_markdown(result: dict) -> str:
     return (
         "# Model comparison (Phase-Mamba baseline protocol)\n\n"
         f"{models}\n- {s['n_prompts']} prompts × {s['trials']} trials on each model (seeds "
-        f"{s['seed']}..{s['seed'] + s['trials'] - 1}), temperature {s['temp']}, at most "
+        f"{_seed_range(s)}, the same on both), temperature {s['temp']}, at most "
         f"{s['max_tokens']} tokens; two-sample Welch t-tests, Holm-corrected.\n\n"
         f"**{result['verdict']['text']}**\n\n"
         + md_table(*compare_rows(result))

@@ -1,7 +1,8 @@
 """Generations for many prompts and trials, as JSON-ready records with their metrics.
 
-Shared by the intervention and the model comparison: trial t of every prompt uses seed + t, so
-two runs that differ only in the model or the intervention draw the same random numbers.
+Shared by the intervention and the model comparison: trial t of prompt p uses seed
+``seed + p * trials + t``, so two runs that differ only in the model or the intervention draw
+the same random numbers (paired samples), while different prompts and trials draw their own.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ DEFAULT_PROMPTS = (
 
 @dataclass(kw_only=True)
 class SamplingSettings:
-    trials: int = 3  # generations per prompt (trial t uses seed + t)
+    trials: int = 3  # generations per prompt
     max_tokens: int = 32
     temp: float = 0.8  # the published sampler's temperature
     top_k: int = 0  # 0 = off
@@ -61,7 +62,7 @@ def generation_samples(
             prompt,
             sampler,
             settings.max_tokens,
-            seed=settings.seed,
+            seed=settings.seed + p * settings.trials,
             n=settings.trials,
             force_r=force_r,
             stop_tokens=stop_tokens,
