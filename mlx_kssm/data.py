@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -160,7 +161,7 @@ def group_documents(lines: Iterable[str]) -> Iterator[str]:
     head = [line for _, line in zip(range(TITLE_LOOKAHEAD), lines, strict=False)]
     by_title = any(TITLE_LINE.match(line) for line in head)
     current: list[str] = []
-    for line in _chain(head, lines):
+    for line in itertools.chain(head, lines):
         starts_new = TITLE_LINE.match(line) if by_title else not line.strip()
         if starts_new and current:
             text = "".join(current).strip()
@@ -172,11 +173,6 @@ def group_documents(lines: Iterable[str]) -> Iterator[str]:
     text = "".join(current).strip()
     if text:
         yield text
-
-
-def _chain(head: list[str], rest: Iterator[str]) -> Iterator[str]:
-    yield from head
-    yield from rest
 
 
 def _text_lines(path: Path, advance: Callable[[int], None]) -> Iterator[str]:
@@ -272,13 +268,13 @@ def _hub_splits(dataset) -> dict[str, object]:
     return {k: v for k, v in found.items() if v is not None}
 
 
-def _hub_documents(split) -> Iterator[str]:
+def _hub_documents(split, advance) -> Iterator[str]:
     """Rows are lines (WikiText) when titles appear among the first rows, else documents."""
     rows = split[_text_column(split.column_names, "the dataset")]
-    head = rows[:TITLE_LOOKAHEAD]
-    if any(TITLE_LINE.match(row or "") for row in head):
-        return group_documents(rows)
-    return iter(rows)
+    counted = _counted(rows, advance)
+    if any(TITLE_LINE.match(row or "") for row in rows[:TITLE_LOOKAHEAD]):
+        return group_documents(row if row.endswith("\n") else row + "\n" for row in counted)
+    return counted
 
 
 # --------------------------------------------------------------------------- tokenising
@@ -372,7 +368,7 @@ def _tokenise_source(
             if source.kind == "hub":
                 splits = _hub_splits(_load_hub(source))
                 set_total(sum(len(s) for s in splits.values()))
-                streams = {k: _counted(_hub_documents(s), advance) for k, s in splits.items()}
+                streams = {k: _hub_documents(s, advance) for k, s in splits.items()}
             else:
                 set_total(sum(f.stat().st_size for fs in source.files.values() for f in fs))
                 streams = {k: _file_documents(fs, advance) for k, fs in source.files.items()}

@@ -672,7 +672,9 @@ def _loop(trainer: Trainer, log: MetricsLog, stop: StopRequest, console) -> None
                 log.write({"kind": "stop", "step": state.step, "reason": "nonfinite"})
                 raise TrainingStopped(_diverged_message(trainer, last_saved))
             if state.step % args.log_every == 0 or state.step == args.steps:
-                log.write(meter.row(state))
+                row = meter.row(state)
+                log.write(row)
+                bar.print_train(row)
             if state.step % args.eval_every == 0 or state.step == args.steps:
                 _evaluate(trainer, log, bar)
             if state.step % args.save_every == 0 or state.step == args.steps:
@@ -965,6 +967,17 @@ class TrainProgress:
         )
         self._bar.update(self._task, completed=step, info=info)
 
+    def print_train(self, row: dict[str, Any]) -> None:
+        """A line per train row where no live bar can be drawn (output to a file, nohup)."""
+        if self.console is None or self.console.is_terminal:
+            return
+        self.console.print(
+            f"step {row['step']}/{self.total}: loss {row['loss']:.4f}  ce {row['ce']:.4f}  "
+            f"R {row['R']:.3f}  u {row['u']:+.3f}  lr {row['lr']:.2e}  "
+            f"{row['tokens_per_s']:,.0f} tok/s",
+            soft_wrap=True,
+        )
+
     def print_eval(self, row: dict[str, Any]) -> None:
         if self.console is None:
             return
@@ -974,7 +987,11 @@ class TrainProgress:
         self.console.print(
             f"[bold]eval {row['step']}[/]: val CE {row['val_ce']:.4f} "
             f"(ppl {row['val_ppl']:.1f})  val loss {row['val_loss']:.4f}  "
-            f"R {row['val_R']:.3f} [{layers}]  u [{us}]{mark}"
+            f"R {row['val_R']:.3f} [{layers}]  u [{us}]{mark}",
+            soft_wrap=True,
         )
         if row["sample"]:
-            self.console.print(f"  [dim]sample:[/] {row['sample']!r}", markup=True)
+            from rich.markup import escape
+
+            sample = escape(repr(row["sample"]))  # model text may hold [brackets]
+            self.console.print(f"  [dim]sample:[/] {sample}", soft_wrap=True)

@@ -9,11 +9,11 @@ import sys
 import mlx.core as mx
 import pytest
 from conftest import tiny_args
-from mlx_kssm.cli.app import app
 from test_ablate import make_run
 from typer.testing import CliRunner
 
 from mlx_kssm import Model, save
+from mlx_kssm.cli.app import app
 from mlx_kssm.generate import decode_tokens
 
 runner = CliRunner()

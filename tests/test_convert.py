@@ -16,9 +16,6 @@ import numpy as np
 import pytest
 from conftest import tiny_args
 from mlx.utils import tree_flatten
-from mlx_kssm.checkpoints_convert.convert import convert
-from mlx_kssm.checkpoints_convert.torch_zip import CheckpointError
-from mlx_kssm.cli.app import app
 from torch_zip_writer import (
     Global,
     Reduce,
@@ -33,6 +30,9 @@ from typer.testing import CliRunner
 import mlx_kssm
 from mlx_kssm import Model
 from mlx_kssm.checkpoint import is_training_checkpoint, load_trainer_state
+from mlx_kssm.checkpoints_convert.convert import convert
+from mlx_kssm.checkpoints_convert.torch_zip import CheckpointError
+from mlx_kssm.cli.app import app
 
 
 def source_weights(**overrides) -> dict[str, np.ndarray]:

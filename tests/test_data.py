@@ -226,3 +226,20 @@ def test_the_shipped_corpus_tokenises_into_enough_for_the_tiny_preset():
     train_windows = len(as_windows(tokens.train, args.seq_length))
     assert tokens.train.size > 200_000 and train_windows >= args.steps * args.batch_size
     assert len(as_windows(tokens.valid, args.seq_length)) >= args.eval_batches * args.batch_size
+
+
+def test_hub_rows_are_wikitext_lines_grouped_into_articles(monkeypatch):
+    """The hub path with the download replaced by a local DatasetDict of WikiText-style rows."""
+    import datasets
+
+    rows = lines(WIKI)
+    fake = datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"text": rows}),
+        validation=datasets.Dataset.from_dict({"text": ["One doc.", "Another doc."]}),
+    )
+    monkeypatch.setattr(data, "_load_hub", lambda source: fake)
+    tokens = prepare_tokens(resolve_source("wikitext-2-raw-v1"))
+    eot = eot_token()
+    articles = list(group_documents(rows))
+    assert tokens.train.tolist() == encode(articles[0]) + [eot] + encode(articles[1]) + [eot]
+    assert tokens.valid.tolist() == encode("One doc.") + [eot] + encode("Another doc.") + [eot]

@@ -13,12 +13,6 @@ import zipfile
 
 import numpy as np
 import pytest
-from mlx_kssm.checkpoints_convert.torch_zip import (
-    CheckpointError,
-    ForbiddenGlobalError,
-    TensorRef,
-    read_checkpoint,
-)
 from torch_zip_writer import (
     Global,
     Reduce,
@@ -30,6 +24,13 @@ from torch_zip_writer import (
     write_archive,
     write_checkpoint,
     write_pickle_archive,
+)
+
+from mlx_kssm.checkpoints_convert.torch_zip import (
+    CheckpointError,
+    ForbiddenGlobalError,
+    TensorRef,
+    read_checkpoint,
 )
 
 
