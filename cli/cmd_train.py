@@ -4,11 +4,13 @@ then takes the preset's value, a resumed run the value its checkpoint recorded."
 
 from __future__ import annotations
 
+import dataclasses
+
 import typer
 
 from .errors import fail
 
-_MODEL = "Model shape (fresh runs only)"
+_MODEL = "Model (its shape is fixed once trained)"
 _SCHEDULE = "Optimizer and schedule"
 _LOOP = "Evaluation, checkpoints, logging"
 
@@ -139,45 +141,20 @@ def train(
     given = dict(locals())
     from rich.console import Console
 
+    from mlx_kssm.config import TrainArgs
+    from mlx_kssm.data import DataError
     from mlx_kssm.tokenizer import TokenizerUnavailable
-    from mlx_kssm.training import TrainingStopped, resolve_args, run_training
+    from mlx_kssm.training import (
+        TrainingInputError,
+        TrainingStopped,
+        resolve_args,
+        run_training,
+    )
 
-    train_fields = [
-        "data",
-        "out",
-        "steps",
-        "seed",
-        "batch_size",
-        "grad_accum",
-        "seq_length",
-        "lr",
-        "warmup",
-        "schedule",
-        "decay_steps",
-        "weight_decay",
-        "beta1",
-        "beta2",
-        "adam_eps",
-        "grad_clip",
-        "lambda_reg",
-        "eval_every",
-        "eval_batches",
-        "save_every",
-        "keep_last",
-        "sample_tokens",
-        "log_every",
-        "max_nonfinite",
-    ]
-    model_fields = [
-        "vocab_size",
-        "hidden_dim",
-        "n_layers",
-        "n_oscillators",
-        "n_harmonics",
-        "max_positions",
-        "eval_noise",
-    ]
-    train_overrides = {k: given[k] for k in train_fields if given[k] is not None}
+    train_fields = [f.name for f in dataclasses.fields(TrainArgs) if f.name != "preset"]
+    model_fields = ["vocab_size", "hidden_dim", "n_layers", "n_oscillators", "n_harmonics"]
+    model_fields += ["max_positions", "eval_noise"]
+    train_overrides = {k: given[k] for k in train_fields if given.get(k) is not None}
     model_overrides = {k: given[k] for k in model_fields if given[k] is not None}
     if monostable is not None:
         model_overrides["bistable"] = not monostable
@@ -189,7 +166,7 @@ def train(
     try:
         train_args, model_args = resolve_args(preset, train_overrides, model_overrides, resume_from)
         run_training(train_args, model_args, resume=resume_from, console=console)
-    except (ValueError, TokenizerUnavailable) as err:  # TrainingInputError, DataError, presets
+    except (TrainingInputError, DataError, TokenizerUnavailable) as err:
         fail(_one_line(err))
     except TrainingStopped as err:
         typer.echo(f"error: {err}", err=True)

@@ -114,16 +114,20 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         eval_batches=8,
         save_every=500,
     ),
+    # Measured on wiki-leads (2-core CPU, 300 steps): the tied 100K-vocab head learns slowly,
+    # and lr 3e-2 with beta2 0.99 reached val CE 7.17 where the published lr/betas scaled
+    # down (3e-3, 0.999) stayed at the unigram level; 4 x 64 tokens keeps a step ~4 s there.
     "tiny": dict(
         data="sotu-sample",  # shipped with the package: trains with no network
         steps=300,
-        batch_size=8,
+        batch_size=4,
         grad_accum=1,
-        seq_length=128,
-        lr=3e-3,
+        seq_length=64,
+        lr=3e-2,
+        beta2=0.99,
         warmup=30,
         eval_every=50,
-        eval_batches=4,
+        eval_batches=8,
         save_every=100,
     ),
 }

@@ -232,7 +232,17 @@ def resolve_args(
     resume: bool | str | None = None,
 ) -> tuple[TrainArgs, ModelArgs]:
     """The arguments of a run. Fresh: the preset + overrides. Resuming: what the checkpoint
-    recorded (its config.json and train_args, possibly partial) + the overrides given now."""
+    recorded (its config.json and train_args, possibly partial) + the overrides given now.
+    Raises TrainingInputError (an unknown preset, an unreadable checkpoint)."""
+    try:
+        return _resolve_args(preset, train_overrides, model_overrides, resume)
+    except TrainingInputError:
+        raise
+    except ValueError as err:  # unknown preset, unreadable config.json
+        raise TrainingInputError(str(err)) from None
+
+
+def _resolve_args(preset, train_overrides, model_overrides, resume):
     if not resume:
         preset = preset or "published"
         return train_args_for(preset, **train_overrides), model_args_for(preset, **model_overrides)

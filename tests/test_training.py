@@ -506,3 +506,13 @@ def test_nonfinite_stop_at_the_cli_is_one_line_exit_1(token_data, tmp_path, monk
     )
     assert result.exit_code == 1
     assert "not finite for 2 steps in a row" in result.output
+
+
+def test_every_train_args_field_and_the_pinned_flags_are_options():
+    import dataclasses
+
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    flags = {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainArgs)}
+    flags |= {"--resume", "--monostable"}
+    missing = [flag for flag in sorted(flags) if flag not in result.output]
+    assert result.exit_code == 0 and not missing
