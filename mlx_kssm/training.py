@@ -690,6 +690,8 @@ def _loop(trainer: Trainer, log: MetricsLog, stop: StopRequest, console) -> None
             if state.step % args.save_every == 0 or state.step == args.steps:
                 trainer.save_checkpoint()
                 last_saved = state.step
+    if stop.requested and meter.rows:
+        log.write(meter.row(state))  # the steps since the last train row
     if stop.requested and state.step > last_saved:
         trainer.save_checkpoint()
     if stop.requested:
