@@ -38,8 +38,12 @@ def main():
     theta = mx.random.normal((args.batch, args.length, 192))
     direct_t, direct_mb = measure(harmonic_features_direct, theta, args.repeats)
     rec_t, rec_mb = measure(harmonic_features, theta, args.repeats)
-    print(f"machine: {platform.machine()} {platform.processor() or ''} device={mx.default_device()}")
-    print(f"shape B={args.batch} L={args.length} N=192 H=32, forward+backward, best of {args.repeats}")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''} device={mx.default_device()}"
+    )
+    print(
+        f"shape B={args.batch} L={args.length} N=192 H=32, forward+backward, best of {args.repeats}"
+    )
     print("| readout | time (ms) | peak memory (MiB) |")
     print("|---|---|---|")
     print(f"| direct cos/sin of (B,L,N,H) | {direct_t * 1e3:.1f} | {direct_mb:.0f} |")
