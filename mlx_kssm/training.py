@@ -436,7 +436,26 @@ def restore_state(saved: dict[str, Any], args: TrainArgs, data: TokenData, say) 
         say(f"the {changed} changed since the checkpoint: the data order starts afresh")
     else:
         state.data_position = int(position["windows"])
+    _note_schedule_change(saved.get("train_args") or {}, args, state.step, say)
     return state
+
+
+def _note_schedule_change(recorded: dict[str, Any], args: TrainArgs, step: int, say) -> None:
+    """Say so when the schedule a run continues with differs from the one it was on (e.g.
+    --steps raised without --decay-steps): the learning rate then jumps at the resume."""
+    keys = ("lr", "warmup", "schedule")
+    if not recorded or any(k not in recorded for k in keys + ("steps",)):
+        return  # a partial record (a converted checkpoint): nothing to compare with
+    before = TrainArgs.from_dict({**args.to_dict(), **{k: recorded[k] for k in keys}})
+    before.steps, before.decay_steps = recorded["steps"], recorded.get("decay_steps")
+    lr_before = float(make_schedule(before)(step))
+    lr_now = float(make_schedule(args)(step))
+    if lr_before != lr_now:
+        say(
+            f"the schedule changed since the checkpoint: the learning rate at step {step} "
+            f"is now {lr_now:.3g} (it was {lr_before:.3g}); to train in legs of one schedule, "
+            "pass --decay-steps with the final step count from the first leg"
+        )
 
 
 # --------------------------------------------------------------------------- the trainer

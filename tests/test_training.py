@@ -516,3 +516,10 @@ def test_every_train_args_field_and_the_pinned_flags_are_options():
     flags |= {"--resume", "--monostable"}
     missing = [flag for flag in sorted(flags) if flag not in result.output]
     assert result.exit_code == 0 and not missing
+
+
+def test_resume_with_a_longer_schedule_says_the_learning_rate_jumps(token_data, tmp_path):
+    out = run_training(*args_for(token_data, tmp_path / "run", steps=4))  # cosine ends at 4
+    result = resume_cli(out, 8)
+    assert "the schedule changed since the checkpoint" in result.output
+    assert load_trainer_state(checkpoint_dirs(out)[-1])["step"] == 8
