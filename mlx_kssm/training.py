@@ -659,10 +659,17 @@ def run_training(
         )
     if ckpt is not None:
         _check_same_model(ckpt, model_args, _sayer(console))
-        if ckpt.resolve().parent != (out / CHECKPOINTS_DIR).resolve() and checkpoint_dirs(out):
+        here = ckpt.resolve().parent == (out / CHECKPOINTS_DIR).resolve()
+        if not here and checkpoint_dirs(out):
             raise TrainingInputError(
                 f"{out} already holds another run's checkpoints; choose an empty --out to "
                 f"continue {ckpt} in"
+            )
+        newer = [p.name for p in checkpoint_dirs(out) if here and p.name > ckpt.name]
+        if newer:  # continuing here would mix two futures of one run
+            raise TrainingInputError(
+                f"{out} has checkpoints after {ckpt.name} ({', '.join(newer)}); to branch "
+                f"from {ckpt.name}, resume it into another --out"
             )
     data = prepare_tokens(resolve_source(args.data), console=console)
     _check_data(data, args, model_args)

@@ -523,3 +523,16 @@ def test_resume_with_a_longer_schedule_says_the_learning_rate_jumps(token_data, 
     result = resume_cli(out, 8)
     assert "the schedule changed since the checkpoint" in result.output
     assert load_trainer_state(checkpoint_dirs(out)[-1])["step"] == 8
+
+
+def test_resuming_an_older_checkpoint_of_a_run_must_branch_elsewhere(token_data, tmp_path):
+    out = run_training(*args_for(token_data, tmp_path / "run", steps=8))
+    older = checkpoint_dirs(out)[0]  # step 4; step 8 exists
+    result = CliRunner().invoke(app, ["train", "--resume", str(older), "--steps", "10"])
+    assert "checkpoints after step_00000004" in one_error_line(result)
+    branch = tmp_path / "branch"
+    result = CliRunner().invoke(
+        app, ["train", "--resume", str(older), "--out", str(branch), "--steps", "6"]
+    )
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in checkpoint_dirs(branch)] == ["step_00000006"]
