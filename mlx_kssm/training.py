@@ -55,6 +55,7 @@ from .io import (
     replace_folder,
     write_model_files,
 )
+from .jsonl import read_rows, strict_json
 from .models import build_model
 
 METRICS_NAME = "metrics.jsonl"
@@ -893,37 +894,14 @@ class MetricsLog:
 
     def __init__(self, path: Path, keep_until: int):
         self.path = path
-        kept = [row for row in _read_rows(path) if row.get("step", 0) <= keep_until]
+        kept = [row for row in read_rows(path) if row.get("step", 0) <= keep_until]
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
         os.replace(tmp, path)
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
-
-
-def _json_safe(value):
-    """NaN and infinities (a skipped step's loss) become null: strict JSON for any reader."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-    return rows
+            f.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
 
 
 class Meter:

@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from ..jsonl import read_rows
+
 METRICS_NAME = "metrics.jsonl"
 FIGURES_DIR = "figures"
 # Published PyTorch K-SSM v3 on WikiText-103 (spec: "Published results"): (step, value).
@@ -39,11 +41,7 @@ def read_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise ValueError(f"{run_dir} has no {METRICS_NAME}: is it a `kssm train` run folder?")
     rows: dict[tuple[str, int], dict] = {}
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
+    for row in read_rows(path):
         if row.get("kind") in ("train", "eval"):
             rows[(row["kind"], int(row["step"]))] = row
     train = [rows[k] for k in sorted(rows) if k[0] == "train"]

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..jsonl import strict_json
 from .intervene import GENERATION_METRICS
 from .observables import GOLDILOCKS_R, GOLDILOCKS_U, REPETITION_WINDOW
 
@@ -64,17 +65,6 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
     lines = [line(headers), "|" + "---|" * len(headers)] + [line(row) for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def strict_json(obj):
-    """The same structure with NaN and infinities as null: valid JSON for any reader."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v) for v in obj]
-    return obj
 
 
 def write_json(path: str | Path, result: dict) -> Path:
