@@ -111,6 +111,13 @@ def train(
         help="Stop after this many non-finite steps in a row.",
         rich_help_panel=_LOOP,
     ),
+    head: str | None = typer.Option(
+        None,
+        "--head",
+        help="Where the output head's cross-entropy runs: mlx | numpy | auto (numpy on "
+        "MLX's Linux CPU wheel, whose BLAS is slow; same numbers).",
+        rich_help_panel=_LOOP,
+    ),
     monostable: bool | None = typer.Option(
         None, "--monostable", help="The ablation control: u is not clamped.", rich_help_panel=_MODEL
     ),

@@ -89,6 +89,8 @@ class TrainArgs:
     sample_tokens: int = 48  # length of the text sample printed at each evaluation
     log_every: int = 10  # steps between train rows in metrics.jsonl (averages over them)
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
+    head: str = "auto"  # where the tied head's CE runs: mlx | numpy (same numbers, much faster
+    #                     on MLX's Linux CPU wheel) | auto = numpy there, mlx elsewhere
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> TrainArgs:

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
@@ -57,6 +56,7 @@ from .io import (
 )
 from .jsonl import read_rows, strict_json
 from .models import build_model
+from .steps import HEAD_BACKENDS, global_norm, make_steps
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_FILE = "train_config.json"
@@ -130,48 +130,6 @@ def noise_key(seed: int, *counters: int) -> mx.array:
     return mx.random.key(int(words[0]))
 
 
-def loss_terms(model, tokens: mx.array, key: mx.array | None, lambda_reg: float):
-    """tokens (B, L+1) -> (loss, (ce, reg, R, u_layers, det_layers)); loss = CE + lambda*reg."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L) each
-    logits, stats = model.forward(inputs, key=key)  # (B, L, V)
-    ce = nn.losses.cross_entropy(logits, targets, reduction="mean")
-    loss = ce + lambda_reg * stats.reg_loss
-    return loss, (ce, stats.reg_loss, mx.mean(stats.R_mean), stats.u_mean, stats.det_mean)
-
-
-def global_norm(grads) -> mx.array:
-    return mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
-
-
-class StepFunctions:
-    """The compiled pieces of one update. Gradients of the micro-batches are summed outside
-    the compiled graph so that only one micro-batch's activations are alive at a time."""
-
-    def __init__(self, model, optimizer, lambda_reg: float, grad_clip: float):
-        value_and_grad = nn.value_and_grad(model, loss_terms)
-        model_state = [model.state]
-        full_state = [model.state, optimizer.state]
-
-        @partial(mx.compile, inputs=model_state, outputs=model_state)
-        def micro_step(tokens, key):
-            (loss, aux), grads = value_and_grad(model, tokens, key, lambda_reg)
-            return loss, aux, grads
-
-        @partial(mx.compile, inputs=full_state, outputs=full_state)
-        def apply_update(grads):
-            grads, _ = optim.clip_grad_norm(grads, grad_clip)
-            optimizer.update(model, grads)
-
-        @partial(mx.compile, inputs=model_state, outputs=model_state)
-        def eval_batch(tokens, key):
-            logits, stats = model.forward(tokens[:, :-1], key=key)
-            ce = nn.losses.cross_entropy(logits, tokens[:, 1:], reduction="sum")
-            R_layers = mx.mean(stats.R_all, axis=(0, 1))  # (n_layers,)
-            return ce, stats.reg_loss, R_layers, stats.u_mean, stats.det_mean
-
-        self.micro_step, self.apply_update, self.eval_batch = micro_step, apply_update, eval_batch
-
-
 # --------------------------------------------------------------------------- arguments
 
 
@@ -198,6 +156,10 @@ def check_args(train_args: TrainArgs, model_args: ModelArgs) -> None:
         raise TrainingInputError("--decay-steps must be at least 1")
     if a.sample_tokens < 0:
         raise TrainingInputError("--sample-tokens must be >= 0")
+    if a.head not in HEAD_BACKENDS:
+        raise TrainingInputError(
+            f"--head must be one of {', '.join(HEAD_BACKENDS)}, not {a.head!r}"
+        )
 
 
 def check_writable(out: Path) -> None:
@@ -493,7 +455,9 @@ class Trainer:
         self.model.train()
         self.optimizer.init(self.model.trainable_parameters())
         mx.eval(self.model.parameters(), self.optimizer.state)
-        self.fns = StepFunctions(self.model, self.optimizer, self.lambda_reg, self.args.grad_clip)
+        self.fns = make_steps(
+            self.model, self.optimizer, self.lambda_reg, self.args.grad_clip, self.args.head
+        )
 
     # ---- one step
 

@@ -78,6 +78,18 @@ class Model(nn.Module):
         R that layer's phases are moved to. Because positions never mix, computing a slice of
         positions with ``offset`` gives exactly the same numbers as the full sequence.
         """
+        h, stats = self.hidden(tokens, key=key, force_r=force_r, offset=offset)
+        return self.embed.as_linear(h), stats  # tied head, no bias
+
+    def hidden(
+        self,
+        tokens: mx.array,
+        key: mx.array | None = None,
+        force_r: dict[int, float] | None = None,
+        offset: int = 0,
+    ) -> tuple[mx.array, ForwardStats]:
+        """Everything but the head: tokens (B, L) -> final-normed h (B, L, d) and stats.
+        ``logits = h @ embed.weight.T``; training on a Linux CPU computes that part in numpy."""
         L = tokens.shape[1]
         if offset + L > self.args.max_positions:
             raise ValueError(
@@ -91,7 +103,7 @@ class Model(nn.Module):
             target = None if force_r is None else force_r.get(i)
             h, stats = block(h, key=None if keys is None else keys[i], force_r=target)
             per_layer.append(stats)
-        logits = self.embed.as_linear(self.final_norm(h))  # tied head, no bias
+        h = self.final_norm(h)
         R_all = mx.stack([s["R"] for s in per_layer], axis=-1)
         u_mean = mx.stack([s["u_mean"] for s in per_layer])
         det_mean = mx.stack([s["det_mean"] for s in per_layer])
@@ -104,7 +116,7 @@ class Model(nn.Module):
             reg_loss=mx.mean(regularisation(det_mean, u_mean)),
             features=[s["features"] for s in per_layer],
         )
-        return logits, stats
+        return h, stats
 
     def __call__(self, tokens: mx.array, return_R: bool = False, **kwargs):
         """PyTorch-compatible call: logits, or (logits, R_mean, R_all) with return_R."""
