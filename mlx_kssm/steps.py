@@ -128,11 +128,11 @@ class NumpyHeadSteps:
 
     def _head(self, h: mx.array, targets: mx.array, grad: bool):
         B, L, d = h.shape
-        E = np.array(self.model.embed.weight, copy=False)  # (V, d)
+        E = np.asarray(self.model.embed.weight)  # (V, d)
         return self.numpy_head(
-            np.array(h, copy=False).reshape(B * L, d),
+            np.asarray(h).reshape(B * L, d),
             E,
-            np.array(targets, copy=False).reshape(-1),
+            np.asarray(targets).reshape(-1),
             scale=1.0 / (B * L),
             grad=grad,
         )

@@ -169,14 +169,17 @@ def test_adamw_takes_the_schedule_at_its_update_count():
 # --------------------------------------------------------------------------- exact resume
 
 
-def test_steps_k_then_resume_to_n_equals_n_straight(token_data, tmp_path):
+@pytest.mark.parametrize("head", ["mlx", "numpy"])
+def test_steps_k_then_resume_to_n_equals_n_straight(token_data, tmp_path, head):
     n, k = 14, 6
-    straight = run_training(*args_for(token_data, tmp_path / "straight", steps=n, grad_accum=2))
+    run = dict(grad_accum=2, head=head)
+    straight = run_training(*args_for(token_data, tmp_path / "straight", steps=n, **run))
     # First leg: --steps k with the full run's schedule; second leg: --resume --steps n.
     legs = tmp_path / "legs"
-    run_training(*args_for(token_data, legs, steps=k, decay_steps=n, grad_accum=2))
+    run_training(*args_for(token_data, legs, steps=k, decay_steps=n, **run))
     train, model = resolve_args(None, {"out": str(legs), "steps": n}, {}, resume=True)
     assert train.decay_steps == n and train.grad_accum == 2  # recorded by the first leg
+    assert train.head == head
     run_training(train, model, resume=True)
     assert_identical(straight, legs)
     # The log holds each step once, as if the run had never stopped.
