@@ -458,6 +458,8 @@ class Trainer:
         self.fns = make_steps(
             self.model, self.optimizer, self.lambda_reg, self.args.grad_clip, self.args.head
         )
+        if self.args.head == "auto" and self.fns.head == "numpy":
+            self.say("output head in numpy (MLX's Linux CPU backend; same numbers, faster)")
 
     # ---- one step
 
@@ -797,6 +799,8 @@ def _run_config(trainer: Trainer, ckpt: Path | None) -> dict[str, Any]:
             "eval_windows": len(trainer.eval_windows),
         },
         "resumed_from": str(ckpt) if ckpt else None,
+        "head": trainer.fns.head,  # where the output head ran ("auto" resolved)
+        "device": str(mx.default_device()),
         "mlx_version": mx.__version__,
         "written": _now(),
     }

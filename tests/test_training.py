@@ -28,6 +28,7 @@ from mlx_kssm.cli.app import app
 from mlx_kssm.config import TrainArgs, model_args_for, train_args_for
 from mlx_kssm.data import write_token_folder
 from mlx_kssm.io import checkpoint_dirs
+from mlx_kssm.steps import resolve_head_backend
 from mlx_kssm.training import (
     Trainer,
     TrainingInputError,
@@ -305,6 +306,7 @@ def test_run_folder_checkpoints_best_and_metrics(token_data, tmp_path):
     config = json.loads((out / "train_config.json").read_text())
     assert config["train"]["steps"] == 12 and config["model"]["hidden_dim"] == 32
     assert config["lambda_reg"] == 0.5
+    assert config["train"]["head"] == "auto" and config["head"] == resolve_head_backend("auto")
 
     # load(RUN) takes the newest checkpoint's weights; RUN/best the best ones.
     newest = mx.load(str(checkpoint_dirs(out)[-1] / "model.safetensors"))
