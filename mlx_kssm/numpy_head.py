@@ -2,8 +2,8 @@
 
 Why this exists: on Linux, MLX's CPU wheel runs matmuls on a reference BLAS and its element-wise
 work over the (T, V) logits is slow, so for the small presets the 100K-vocabulary head is most
-of a training step (see ../docs in the README's "Training on a Linux CPU"). numpy's bundled
-OpenBLAS does the same arithmetic several times faster. The model's body stays in MLX; only
+of a training step (README, "Training on a Linux CPU"). numpy's bundled OpenBLAS does the same
+arithmetic several times faster. The model's body stays in MLX; only
 ``h -> logits = h @ E.T -> cross-entropy`` and the gradients with respect to ``h`` and ``E`` are
 done here, in float32, chunked over tokens so that the (T, V) logits never exist at once.
 
@@ -15,6 +15,7 @@ The math is that of ``nn.losses.cross_entropy(h @ E.T, y)``: for each token
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -35,8 +36,6 @@ class NumpyHead:
     run on one core; its BLAS already uses them all)."""
 
     def __init__(self, threads: int | None = None, chunk_tokens: int = CHUNK_TOKENS):
-        import os
-
         self.threads = max(1, threads or os.cpu_count() or 1)
         self.chunk_tokens = chunk_tokens
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
@@ -58,16 +57,13 @@ class NumpyHead:
             hc, yc = h[rows], y[rows]  # (C, d), (C,)
             z = self._logits(hc, E)  # (C, V)
             target = np.einsum("cd,cd->c", hc, E[yc])  # z[c, y_c] without a gather on z
-            lse = self._softmax_in_place(z)  # z now holds softmax(z); lse (C,)
+            lse = self._softmax_in_place(z, scale)  # z now holds scale * softmax(z); lse (C,)
             ce_sum += float(np.sum(lse.astype(np.float64) - target))
             if grad:
-                z[np.arange(len(yc)), yc] -= 1.0  # softmax - onehot
-                if scale != 1.0:
-                    self._map(lambda part: np.multiply(part, scale, out=part), z)
+                z[np.arange(len(yc)), yc] -= scale  # scale * (softmax - onehot)
                 np.matmul(z, E, out=dh[rows])  # (C, d)
                 dE_t += hc.T @ z  # (d, V)
-        dE = np.ascontiguousarray(dE_t.T) if grad else None
-        return HeadResult(ce_sum, dh, dE)
+        return HeadResult(ce_sum, dh, dE_t.T if grad else None)  # dE: a (V, d) view
 
     def _logits(self, hc: np.ndarray, E: np.ndarray) -> np.ndarray:
         shape = (hc.shape[0], E.shape[0])
@@ -77,15 +73,16 @@ class NumpyHead:
         np.matmul(hc, E.T, out=z)
         return z
 
-    def _softmax_in_place(self, z: np.ndarray) -> np.ndarray:
-        """Rows of z -> softmax(z) in place; returns logsumexp per row (float32)."""
+    def _softmax_in_place(self, z: np.ndarray, scale: float) -> np.ndarray:
+        """Rows of z -> scale * softmax(z) in place (the scale rides on the normalising pass);
+        returns logsumexp per row (float32)."""
 
         def one_part(part: np.ndarray) -> np.ndarray:
             m = part.max(axis=1, keepdims=True)
             np.subtract(part, m, out=part)
             np.exp(part, out=part)
             s = part.sum(axis=1, keepdims=True)
-            np.divide(part, s, out=part)
+            np.multiply(part, scale / s, out=part)
             return (m + np.log(s))[:, 0]
 
         return np.concatenate(self._map(one_part, z))
