@@ -9,7 +9,7 @@ from conftest import tiny_args
 from mlx.utils import tree_flatten
 
 from mlx_kssm import Model, ModelArgs, load, save
-from mlx_kssm.models.forcing import force_order_parameter
+from mlx_kssm.ops import force_order_parameter
 from mlx_kssm.ops import harmonic_features, harmonic_features_direct
 
 

@@ -17,8 +17,7 @@ import mlx.core as mx
 from mlx import nn
 
 from ..config import ModelArgs
-from ..ops import harmonic_features
-from .forcing import force_order_parameter
+from ..ops import force_order_parameter, harmonic_features
 
 
 class BistableKuramotoBank(nn.Module):

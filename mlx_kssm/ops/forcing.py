@@ -17,14 +17,9 @@ import math
 
 import mlx.core as mx
 
+from .oscillator import order_parameter
+
 _BISECTION_STEPS = 40
-
-
-def _order_parameter(theta: mx.array) -> mx.array:
-    """R = |mean_k exp(i theta_k)| with the spec's 1e-8 inside the root. (..., N) -> (...)."""
-    re = mx.mean(mx.cos(theta), axis=-1)
-    im = mx.mean(mx.sin(theta), axis=-1)
-    return mx.sqrt(re * re + im * im + 1e-8)
 
 
 def force_order_parameter(theta: mx.array, target: float | mx.array) -> mx.array:
@@ -47,7 +42,7 @@ def force_order_parameter(theta: mx.array, target: float | mx.array) -> mx.array
     hi = mx.full(lo.shape, 2.0, dtype=theta.dtype)  # R(hi) <= target
     for _ in range(_BISECTION_STEPS):
         mid = 0.5 * (lo + hi)
-        above = (_order_parameter(phases_at(mid)) >= target)[..., None]
+        above = (order_parameter(phases_at(mid)) >= target)[..., None]
         lo = mx.where(above, mid, lo)
         hi = mx.where(above, hi, mid)
     return phases_at(0.5 * (lo + hi))
