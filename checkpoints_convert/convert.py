@@ -18,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoint import OPTIMIZER_NAME, TRAINER_STATE_NAME, save_training_checkpoint
+from ..run_folder import OPTIMIZER_NAME, TRAINER_STATE_NAME, save_training_checkpoint
 from ..config import ModelArgs
 from ..io import CONFIG_NAME, WEIGHTS_NAME, save
 from ..models import build_model

@@ -1,16 +1,16 @@
 """Text generation: samplers from small factories, and incremental decoding that records the
 Kuramoto order parameter R (per layer) and the uncertainty U for every generated token.
 
-Incremental decoding. K-SSM v3 has no sequence mixing: the logits at a position depend only on
-that position's token and index. The prompt is run once, then every new token costs a single
-one-position forward at the next offset, O(1) model work per token (the published sampler re-ran
-the whole context for each token). The offset is the whole v3 "cache"; an architecture with a
-recurrent state would carry that state through the same loop.
+Incremental decoding. The prompt is run once through ``model.forward(..., cache=cache)`` with a
+fresh ``model.make_cache()``, then every new token is a one-position forward through the same
+cache (the model contract, models/base.py): O(1) model work per token for a recurrent model, and
+for K-SSM v3, whose cache is only the next position, too (the published sampler re-ran the whole
+context for each token).
 
-Positions. A model has ``max_positions`` learned position embeddings. A prompt of P tokens sits
-at positions 0..P-1 and the k-th generated token is fed back at position P+k-1, so at most
-``max_positions - P + 1`` tokens can be generated; generation then stops with finish reason
-"max_positions". A prompt longer than ``max_positions`` is an error (ValueError).
+Positions. A model with learned positions has ``max_positions`` of them (others say None). A
+prompt of P tokens sits at positions 0..P-1 and the k-th generated token is fed back at position
+P+k-1, so at most ``max_positions - P + 1`` tokens can be generated; generation then stops with
+finish reason "max_positions". A prompt longer than ``max_positions`` is an error (ValueError).
 
 Observables. The step that emits token t records R at the position whose logits produced t,
 and U = entropy(softmax(logits)) / log V of that same distribution at temperature 1, so that U
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from .experiments.observables import normalized_entropy
+from .observables import goldilocks_fraction, normalized_entropy
 
 # (logits (n, V), keys (n, 2) or None) -> tokens (n,)
 Sampler = Callable[[mx.array, "mx.array | None"], mx.array]
@@ -130,25 +130,28 @@ class Generation:
 
 def check_prompt(model, prompt: Sequence[int]) -> None:
     """Raise ValueError unless the prompt is non-empty, in the vocabulary and fits the model."""
-    args = model.args
+    vocab_size, limit = model.args.vocab_size, model.max_positions
     if len(prompt) == 0:
         raise ValueError("the prompt has no tokens")
-    if len(prompt) > args.max_positions:
+    if limit is not None and len(prompt) > limit:
         raise ValueError(
             f"the prompt has {len(prompt)} tokens but the model has only "
-            f"{args.max_positions} positions; shorten it"
+            f"{limit} positions; shorten it"
         )
-    bad = [t for t in prompt if not 0 <= t < args.vocab_size]
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(
-            f"token id {bad[0]} is outside the model's vocabulary of {args.vocab_size}: "
+            f"token id {bad[0]} is outside the model's vocabulary of {vocab_size}: "
             "this model was not trained with this tokenizer"
         )
 
 
 def token_budget(model, prompt_len: int, max_tokens: int) -> int:
     """How many tokens can be generated: max_tokens, or fewer where positions run out."""
-    return max(0, min(max_tokens, model.args.max_positions - prompt_len + 1))
+    limit = model.max_positions
+    if limit is None:
+        return max(0, max_tokens)
+    return max(0, min(max_tokens, limit - prompt_len + 1))
 
 
 def trial_keys(seed: int, n: int) -> mx.array:
@@ -182,11 +185,12 @@ def generate_steps(
     stop = np.asarray(list(stop_tokens), dtype=np.int64)
 
     tokens = mx.array([list(prompt)] * n)
-    offset = 0
+    cache = model.make_cache()
     for _ in range(budget):
         noise_key, step_key = mx.random.split(noise_key)
-        logits, stats = model.forward(tokens, key=step_key, force_r=force_r, offset=offset)
-        logits, R = logits[:, -1], stats.R_all[:, -1]
+        logits, stats = model.forward(tokens, cache=cache, key=step_key, force_r=force_r)
+        logits = logits[:, -1]
+        R = stats["R"][:, -1] if "R" in stats else mx.zeros((n, 0))  # (n, n_banks)
         keys, sample_keys = _split_rows(keys).transpose(1, 0, 2)
         drawn = sampler(logits, sample_keys)
         U = normalized_entropy(logits)
@@ -196,7 +200,6 @@ def generate_steps(
         stopped |= np.isin(step.tokens, stop)
         if stopped.all():
             return
-        offset += tokens.shape[1]
         tokens = drawn[:, None].astype(mx.int32)
 
 
@@ -285,8 +288,6 @@ def encode_prompt(text: str) -> list[int]:
 
 def generation_record(gen: Generation, encoding=None) -> dict:
     """A JSON-ready record: tokens, text, and per step the token's text, R per layer, R, U."""
-    from .experiments.observables import goldilocks_fraction
-
     stream = TextStream(encoding)
     steps = [
         {"token": t, "text": stream.add(t), "R_layers": r, "R_mean": float(np.mean(r)), "U": u}

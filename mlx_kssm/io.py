@@ -15,8 +15,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs
-from .models import build_model
+from .models import ConfigError, build_model, model_args_from_config
+from .models.base import BaseModelArgs
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -57,11 +57,27 @@ def resolve_model_folder(path: str | os.PathLike) -> Path:
     )
 
 
-def read_config(folder: Path) -> ModelArgs:
+MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few hundred bytes; never read a huge one
+
+
+def read_config(folder: Path) -> BaseModelArgs:
+    """The folder's validated ModelArgs (its ``model_type`` picks the architecture)."""
+    path = Path(folder) / CONFIG_NAME
     try:
-        return ModelArgs.from_dict(json.loads((Path(folder) / CONFIG_NAME).read_text()))
-    except (OSError, json.JSONDecodeError, TypeError) as err:
-        raise ModelFolderError(f"cannot read {Path(folder) / CONFIG_NAME}: {err}") from None
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ModelFolderError(f"{path} is over {MAX_CONFIG_BYTES} bytes; not a model config")
+        with open(path, encoding="utf-8") as f:
+            config = json.loads(f.read(MAX_CONFIG_BYTES + 1))
+        return model_args_from_config(config)
+    except ConfigError as err:
+        raise ModelFolderError(f"{path}: {err}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ModelFolderError(f"cannot read {path}: {_one_line(err)}") from None
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load(path: str | os.PathLike, strict: bool = True):
@@ -69,11 +85,13 @@ def load(path: str | os.PathLike, strict: bool = True):
     folder = resolve_model_folder(path)
     args = read_config(folder)
     model = build_model(args)
-    weights = model.sanitize(mx.load(str(folder / WEIGHTS_NAME)))
     try:
+        weights = model.sanitize(mx.load(str(folder / WEIGHTS_NAME)))
         model.load_weights(list(weights.items()), strict=strict)
     except ValueError as err:
-        raise ModelFolderError(f"{folder}: weights do not fit the config: {err}") from None
+        raise ModelFolderError(
+            f"{folder}: weights do not fit the config: {_one_line(err)}"
+        ) from None
     mx.eval(model.parameters())
     model.eval()
     return model

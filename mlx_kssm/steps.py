@@ -1,15 +1,22 @@
 """The compiled pieces of one training update, in two flavours that compute the same numbers.
 
-``MLXSteps``: the whole loss, ``CE(h @ E.T) + lambda * reg``, differentiated by MLX in one
-compiled function. What every backend with a fast GEMM (Metal, CUDA, Accelerate) should run.
+The loss of every architecture is ``CE + w * model.aux_loss(stats)`` (w: the user's weight or
+``model.default_aux_weight``); what is logged besides is ``model.metrics(stats)``, a dict of
+scalars or per-bank vectors. Nothing here knows an architecture's names.
 
-``NumpyHeadSteps``: the body (embedding -> blocks -> final norm, giving h) stays in compiled
-MLX; the tied 100K-vocabulary head, its cross-entropy and their gradients dh, dE are computed
-by :mod:`mlx_kssm.numpy_head`. The body's gradients come from the surrogate loss
-``sum(h * dh) + lambda * reg`` (its gradient is the vector-Jacobian product of the body with
-``dh``), and dE is added to the embedding's gradient, since the head is tied. On MLX's Linux CPU
-wheel this is several times faster (README, "Training on a Linux CPU"); the tests compare the
-two flavours' losses and gradients.
+``MLXSteps``: the whole loss differentiated by MLX in one compiled function. What every backend
+with a fast GEMM (Metal, CUDA, Accelerate) should run.
+
+``NumpyHeadSteps``: the body (``model.hidden``, giving h) stays in compiled MLX; the tied
+100K-vocabulary head (the parameter ``model.TIED_EMBEDDING`` names), its cross-entropy and
+their gradients dh, dE are computed by :mod:`mlx_kssm.numpy_head`. The body's gradients come
+from the surrogate loss ``sum(h * dh) + w * aux`` (its gradient is the vector-Jacobian product
+of the body with ``dh``), and dE is added to the embedding's gradient, since the head is tied.
+On MLX's Linux CPU wheel this is several times faster (README, "Training on a Linux CPU"); the
+tests compare the two flavours' losses and gradients.
+
+Both return ``micro_step(tokens, key) -> (loss, (ce, aux, metrics), grads)`` and
+``eval_batch(tokens, key) -> (ce_sum, aux, metrics)``.
 """
 
 from __future__ import annotations
@@ -38,24 +45,47 @@ def resolve_head_backend(name: str) -> str:
     return "numpy" if on_cpu and sys.platform.startswith("linux") else "mlx"
 
 
-def loss_terms(model, tokens: mx.array, key: mx.array | None, lambda_reg: float):
-    """tokens (B, L+1) -> (loss, (ce, reg, R, u_layers, det_layers)); loss = CE + lambda*reg."""
+def loss_terms(model, tokens: mx.array, key: mx.array | None, aux_weight: float):
+    """tokens (B, L+1) -> (loss, (ce, aux, metrics)); loss = CE + aux_weight * aux."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L) each
     logits, stats = model.forward(inputs, key=key)  # (B, L, V)
     ce = nn.losses.cross_entropy(logits, targets, reduction="mean")
-    loss = ce + lambda_reg * stats.reg_loss
-    return loss, (ce, stats.reg_loss, mx.mean(stats.R_mean), stats.u_mean, stats.det_mean)
+    aux = model.aux_loss(stats)
+    return ce + aux_weight * aux, (ce, aux, model.metrics(stats))
+
+
+class UntiedHeadError(ValueError):
+    """--head numpy asked for a model whose output head is not its embedding."""
+
+
+def tied_embedding(model) -> tuple[list[str], mx.array]:
+    """The path (keys) and the array of the model's tied output head; UntiedHeadError if none."""
+    name = getattr(model, "TIED_EMBEDDING", None)
+    if name is None:
+        raise UntiedHeadError(
+            f"--head numpy computes a tied output head, but {model.args.model_type} has an "
+            "untied one; use --head mlx"
+        )
+    path, node = name.split("."), model.parameters()
+    for part in path:
+        node = node[part]
+    return path, node
 
 
 def global_norm(grads) -> mx.array:
     return mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
 
 
-def make_steps(model, optimizer, lambda_reg: float, grad_clip: float, head: str = "auto"):
-    """The step functions for ``head`` ("auto", "mlx" or "numpy")."""
-    if resolve_head_backend(head) == "numpy":
-        return NumpyHeadSteps(model, optimizer, lambda_reg, grad_clip)
-    return MLXSteps(model, optimizer, lambda_reg, grad_clip)
+def make_steps(model, optimizer, aux_weight: float, grad_clip: float, head: str = "auto"):
+    """The step functions for ``head`` ("auto", "mlx" or "numpy"); "auto" keeps an untied
+    model in MLX, an explicit "numpy" refuses it (UntiedHeadError)."""
+    backend = resolve_head_backend(head)
+    if backend == "numpy" and head == "auto" and getattr(model, "TIED_EMBEDDING", None) is None:
+        backend = "mlx"
+    if backend == "numpy":
+        tied_embedding(model)  # refuse an untied model before compiling anything
+        return NumpyHeadSteps(model, optimizer, aux_weight, grad_clip)
+    return MLXSteps(model, optimizer, aux_weight, grad_clip)
 
 
 def _compiled_update(model, optimizer, grad_clip: float):
@@ -70,28 +100,27 @@ def _compiled_update(model, optimizer, grad_clip: float):
 
 
 class MLXSteps:
-    """micro_step(tokens, key) -> (loss, aux, grads); apply_update(grads);
-    eval_batch(tokens, key) -> (ce_sum, reg, R_layers, u_layers, det_layers).
+    """micro_step(tokens, key) -> (loss, (ce, aux, metrics), grads); apply_update(grads);
+    eval_batch(tokens, key) -> (ce_sum, aux, metrics).
     Gradients of micro-batches are summed by the caller, outside the compiled graph, so that
     only one micro-batch's activations are alive at a time."""
 
     head = "mlx"
 
-    def __init__(self, model, optimizer, lambda_reg: float, grad_clip: float):
+    def __init__(self, model, optimizer, aux_weight: float, grad_clip: float):
         value_and_grad = nn.value_and_grad(model, loss_terms)
         model_state = [model.state]
 
         @partial(mx.compile, inputs=model_state, outputs=model_state)
         def micro_step(tokens, key):
-            (loss, aux), grads = value_and_grad(model, tokens, key, lambda_reg)
-            return loss, aux, grads
+            (loss, terms), grads = value_and_grad(model, tokens, key, aux_weight)
+            return loss, terms, grads
 
         @partial(mx.compile, inputs=model_state, outputs=model_state)
         def eval_batch(tokens, key):
             logits, stats = model.forward(tokens[:, :-1], key=key)
             ce = nn.losses.cross_entropy(logits, tokens[:, 1:], reduction="sum")
-            R_layers = mx.mean(stats.R_all, axis=(0, 1))  # (n_layers,)
-            return ce, stats.reg_loss, R_layers, stats.u_mean, stats.det_mean
+            return ce, model.aux_loss(stats), model.metrics(stats)
 
         self.micro_step, self.eval_batch = micro_step, eval_batch
         self.apply_update = _compiled_update(model, optimizer, grad_clip)
@@ -102,20 +131,20 @@ class NumpyHeadSteps:
 
     head = "numpy"
 
-    def __init__(self, model, optimizer, lambda_reg: float, grad_clip: float):
-        self.model, self.lambda_reg = model, lambda_reg
+    def __init__(self, model, optimizer, aux_weight: float, grad_clip: float):
+        self.model, self.aux_weight = model, aux_weight
+        self.embedding_path, _ = tied_embedding(model)
         self.numpy_head = NumpyHead()
         model_state = [model.state]
 
         @partial(mx.compile, inputs=model_state, outputs=model_state)
         def body(inputs, key):
             h, stats = model.hidden(inputs, key=key)  # (B, L, d)
-            R_layers = mx.mean(stats.R_all, axis=(0, 1))  # (n_layers,)
-            return h, (stats.reg_loss, R_layers, stats.u_mean, stats.det_mean)
+            return h, model.aux_loss(stats), model.metrics(stats)
 
         def surrogate(model, inputs, key, dh):
             h, stats = model.hidden(inputs, key=key)
-            return mx.sum(h * dh) + lambda_reg * stats.reg_loss
+            return mx.sum(h * dh) + aux_weight * model.aux_loss(stats)
 
         surrogate_grad = nn.value_and_grad(model, surrogate)
 
@@ -128,10 +157,11 @@ class NumpyHeadSteps:
 
     def _head(self, h: mx.array, targets: mx.array, grad: bool):
         B, L, d = h.shape
-        E = np.asarray(self.model.embed.weight)  # (V, d)
+        _, E = tied_embedding(self.model)  # (V, d)
+        mx.eval(h, E)
         return self.numpy_head(
             np.asarray(h).reshape(B * L, d),
-            E,
+            np.asarray(E),
             np.asarray(targets).reshape(-1),
             scale=1.0 / (B * L),
             grad=grad,
@@ -139,18 +169,18 @@ class NumpyHeadSteps:
 
     def micro_step(self, tokens: mx.array, key: mx.array | None):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L) each
-        h, (reg, R_layers, u_layers, det_layers) = self.body(inputs, key)
-        mx.eval(h, self.model.embed.weight)
+        h, aux, metrics = self.body(inputs, key)
         out = self._head(h, targets, grad=True)
         grads = self.body_grads(inputs, key, mx.array(out.dh.reshape(h.shape)))
-        embed = grads["embed"]
-        embed["weight"] = embed["weight"] + mx.array(out.dE)
+        *parents, leaf = self.embedding_path
+        node = grads
+        for part in parents:
+            node = node[part]
+        node[leaf] = node[leaf] + mx.array(out.dE)  # the tied head's share of the gradient
         ce = mx.array(out.ce_sum / out.dh.shape[0], dtype=mx.float32)
-        loss = ce + self.lambda_reg * reg
-        return loss, (ce, reg, mx.mean(R_layers), u_layers, det_layers), grads
+        return ce + self.aux_weight * aux, (ce, aux, metrics), grads
 
     def eval_batch(self, tokens: mx.array, key: mx.array | None):
-        h, (reg, R_layers, u_layers, det_layers) = self.body(tokens[:, :-1], key)
-        mx.eval(h, self.model.embed.weight)
+        h, aux, metrics = self.body(tokens[:, :-1], key)
         out = self._head(h, tokens[:, 1:], grad=False)
-        return mx.array(out.ce_sum, dtype=mx.float32), reg, R_layers, u_layers, det_layers
+        return mx.array(out.ce_sum, dtype=mx.float32), aux, metrics

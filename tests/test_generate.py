@@ -106,7 +106,7 @@ def test_incremental_generation_equals_a_full_forward(model):
     # Position i predicts token i + 1: the generated tokens come from positions P-1 .. end-1.
     producing = slice(len(PROMPT) - 1, len(PROMPT) - 1 + len(gen.tokens))
     assert np.array(mx.argmax(logits[0, producing], axis=-1)).tolist() == gen.tokens
-    np.testing.assert_allclose(gen.R_layers, np.array(stats.R_all[0, producing]), atol=1e-6)
+    np.testing.assert_allclose(gen.R_layers, np.array(stats["R"][0, producing]), atol=1e-6)
     np.testing.assert_allclose(gen.U, np.array(normalized_entropy(logits[0, producing])), atol=1e-6)
 
 

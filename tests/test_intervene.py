@@ -47,7 +47,7 @@ def _settings(**overrides) -> InterveneSettings:
 def test_forced_r_is_hit_at_every_position(model, target):
     tokens = mx.array([EVAL[:64], EVAL[64:128]])
     _, stats = model.forward(tokens, force_r={0: target, 1: target})
-    assert np.abs(np.array(stats.R_all) - target).max() < 1e-3
+    assert np.abs(np.array(stats["R"]) - target).max() < 1e-3
 
 
 def test_forcing_changes_the_readout_input_and_the_logits(model):
@@ -55,20 +55,22 @@ def test_forcing_changes_the_readout_input_and_the_logits(model):
     free_logits, free = model.forward(tokens)
     forced_logits, forced = model.forward(tokens, force_r={1: 0.9})
     # Layer 0 is upstream and unforced: its readout input must not move.
-    np.testing.assert_array_equal(np.array(free.features[0]), np.array(forced.features[0]))
-    moved = np.abs(np.array(free.features[1]) - np.array(forced.features[1]))
+    np.testing.assert_array_equal(
+        np.array(free["features"][:, :, 0]), np.array(forced["features"][:, :, 0])
+    )
+    moved = np.abs(np.array(free["features"][:, :, 1]) - np.array(forced["features"][:, :, 1]))
     assert moved.max() > 0.1  # the readout sees the moved phases, not only the reported R
     H = model.args.n_harmonics
-    np.testing.assert_allclose(np.array(forced.features[1][..., 2 * H]), 0.9, atol=1e-3)
+    np.testing.assert_allclose(np.array(forced["features"][:, :, 1, 2 * H]), 0.9, atol=1e-3)
     assert np.abs(np.array(free_logits) - np.array(forced_logits)).max() > 1e-3
 
 
 def test_omega_scaling_is_restored_and_pulls_r_up(model):
     before = np.array(model.blocks[0].oscillators.omega_0)
     tokens = mx.array([EVAL[:32]])
-    free_r = float(mx.mean(model.forward(tokens)[1].R_all[..., 0]))
+    free_r = float(mx.mean(model.forward(tokens)[1]["R"][..., 0]))
     with scaled_omega(model, [0], 0.0):  # every natural frequency at the mean: R -> 1
-        pulled_r = float(mx.mean(model.forward(tokens)[1].R_all[..., 0]))
+        pulled_r = float(mx.mean(model.forward(tokens)[1]["R"][..., 0]))
     np.testing.assert_array_equal(np.array(model.blocks[0].oscillators.omega_0), before)
     assert pulled_r > 0.99 > free_r
 
@@ -77,7 +79,7 @@ def test_omega_calibration_reaches_a_reachable_target(model):
     tokens = mx.array([EVAL[:32]])
     s = calibrate_omega_scale(model, [0, 1], 0.8, tokens)
     with scaled_omega(model, [0, 1], s):
-        r = float(mx.mean(model.forward(tokens)[1].R_all))
+        r = float(mx.mean(model.forward(tokens)[1]["R"]))
     assert 0 < s < 1 and r == pytest.approx(0.8, abs=1e-3)
 
 

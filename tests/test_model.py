@@ -99,13 +99,17 @@ def test_recurrence_readout_equals_direct_formula():
     np.testing.assert_allclose(fast, direct, atol=2e-5)
 
 
-def test_offset_slice_equals_full_sequence(tiny_model):
+def test_cached_slice_equals_full_sequence(tiny_model):
     tokens = mx.array([[5, 9, 2, 7, 1, 3]])
     full = np.array(tiny_model(tokens))
-    tail = np.array(tiny_model(tokens[:, 4:], offset=4))
+    cache = tiny_model.make_cache()
+    tiny_model(tokens[:, :4], cache=cache)
+    assert cache[0].offset == 4
+    tail = np.array(tiny_model(tokens[:, 4:], cache=cache))
     np.testing.assert_allclose(tail, full[:, 4:], atol=1e-5)
+    cache[0].offset = 60
     with pytest.raises(ValueError, match="max_positions"):
-        tiny_model(tokens, offset=60)
+        tiny_model(tokens, cache=cache)
 
 
 @pytest.mark.parametrize("target", [0.05, 0.3, 0.5, 0.96, 1.0])
@@ -120,9 +124,10 @@ def test_forced_r_reaches_readout_and_reported_r(tiny_model):
     tokens = mx.array([[1, 2, 3, 4]])
     _, free = tiny_model.forward(tokens)
     logits, forced = tiny_model.forward(tokens, force_r={1: 0.96})
-    assert np.abs(np.array(forced.R_all[..., 1]) - 0.96).max() < 1e-3
-    np.testing.assert_array_equal(np.array(forced.R_all[..., 0]), np.array(free.R_all[..., 0]))
-    assert not np.allclose(np.array(forced.features[1]), np.array(free.features[1]), atol=1e-3)
+    assert np.abs(np.array(forced["R"][..., 1]) - 0.96).max() < 1e-3
+    np.testing.assert_array_equal(np.array(forced["R"][..., 0]), np.array(free["R"][..., 0]))
+    forced_in, free_in = np.array(forced["features"]), np.array(free["features"])
+    assert not np.allclose(forced_in[:, :, 1], free_in[:, :, 1], atol=1e-3)
     assert not np.allclose(np.array(logits), np.array(tiny_model(tokens)), atol=1e-6)
 
 

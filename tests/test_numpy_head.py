@@ -58,8 +58,8 @@ def step_pair(bistable=True):
     model.train()
     optimizer = optim.AdamW(learning_rate=1e-3)
     optimizer.init(model.trainable_parameters())
-    mlx_steps = MLXSteps(model, optimizer, lambda_reg=0.5, grad_clip=1.0)
-    numpy_steps = NumpyHeadSteps(model, optimizer, lambda_reg=0.5, grad_clip=1.0)
+    mlx_steps = MLXSteps(model, optimizer, aux_weight=0.5, grad_clip=1.0)
+    numpy_steps = NumpyHeadSteps(model, optimizer, aux_weight=0.5, grad_clip=1.0)
     return mlx_steps, numpy_steps
 
 
@@ -71,8 +71,10 @@ def test_numpy_head_step_has_the_mlx_step_loss_and_gradients(bistable):
     loss_a, aux_a, grads_a = mlx_steps.micro_step(tokens, key)
     loss_b, aux_b, grads_b = numpy_steps.micro_step(tokens, key)
     assert float(loss_b) == pytest.approx(float(loss_a), abs=1e-5)
-    for a, b in zip(aux_a, aux_b, strict=True):
-        np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-5)
+    terms_a, terms_b = dict(tree_flatten(aux_a)), dict(tree_flatten(aux_b))  # ce, aux, metrics
+    assert terms_a.keys() == terms_b.keys() and len(terms_a) == 5
+    for name, a in terms_a.items():
+        np.testing.assert_allclose(np.array(terms_b[name]), np.array(a), atol=1e-5, err_msg=name)
     flat_a, flat_b = dict(tree_flatten(grads_a)), dict(tree_flatten(grads_b))
     assert flat_a.keys() == flat_b.keys()
     for name, g in flat_a.items():
@@ -86,8 +88,10 @@ def test_numpy_head_eval_batch_equals_mlx():
     key = mx.random.key(2)
     a = mlx_steps.eval_batch(tokens, key)
     b = numpy_steps.eval_batch(tokens, key)
-    for x, y in zip(a, b, strict=True):
-        np.testing.assert_allclose(np.array(y), np.array(x), rtol=1e-5, atol=1e-5)
+    flat_a, flat_b = dict(tree_flatten(a)), dict(tree_flatten(b))
+    assert flat_a.keys() == flat_b.keys()
+    for name, x in flat_a.items():
+        np.testing.assert_allclose(np.array(flat_b[name]), np.array(x), rtol=1e-5, atol=1e-5)
 
 
 def test_head_backend_choice():

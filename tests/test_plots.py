@@ -61,7 +61,7 @@ def test_read_metrics_dedupes_and_skips_a_cut_line(tmp_path):
 def test_plot_writes_the_figures(tmp_path):
     run = write_run(tmp_path / "run")
     paths = plot_run(run)
-    assert [p.name for p in paths] == ["loss.png", "R.png", "u.png", "summary.png"]
+    assert [p.name for p in paths] == ["loss.png", "R.png", "u.png", "det.png", "summary.png"]
     for path in paths:
         assert path.parent == run / "figures"
         data = path.read_bytes()

@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 from mlx_kssm import load, training
-from mlx_kssm.checkpoint import load_trainer_state
+from mlx_kssm.run_folder import load_trainer_state
 from mlx_kssm.cli.app import app
 from mlx_kssm.config import TrainArgs, model_args_for, train_args_for
 from mlx_kssm.data import write_token_folder
@@ -305,7 +305,7 @@ def test_run_folder_checkpoints_best_and_metrics(token_data, tmp_path):
 
     config = json.loads((out / "train_config.json").read_text())
     assert config["train"]["steps"] == 12 and config["model"]["hidden_dim"] == 32
-    assert config["lambda_reg"] == 0.5
+    assert config["aux_loss"] == {"name": "reg", "weight": 0.5}
     assert config["train"]["head"] == "auto" and config["head"] == resolve_head_backend("auto")
 
     # load(RUN) takes the newest checkpoint's weights; RUN/best the best ones.
@@ -393,11 +393,11 @@ def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(token_data, tmp_path)
 def inject_nan(monkeypatch, bad_steps):
     real = Trainer.gradients
 
-    def gradients(self):
-        metrics, grads = real(self)
+    def gradients(self, stop=None):
+        terms, grads = real(self, stop)
         if self.state.step in bad_steps:
-            metrics["loss"] = metrics["loss"] * float("nan")
-        return metrics, grads
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms, grads
 
     monkeypatch.setattr(Trainer, "gradients", gradients)
 

@@ -191,7 +191,7 @@ def applied(model, cond: Condition, layers: Sequence[int]) -> Iterator[dict | No
 
 def _forced_layers_r(model, tokens: mx.array, layers: Sequence[int]) -> float:
     _, stats = model.forward(tokens, key=mx.random.key(0))  # fixed noise, if any is drawn
-    return float(mx.mean(stats.R_all[..., list(layers)]))
+    return float(mx.mean(stats["R"][..., list(layers)]))
 
 
 def calibrate_omega_scale(
@@ -240,7 +240,7 @@ def packaged_eval_text() -> Path | None:
 def _log_probs(model, inputs: mx.array, force_r, key: mx.array) -> tuple[mx.array, mx.array]:
     logits, stats = model.forward(inputs, key=key, force_r=force_r)
     logits = logits[0].astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True), stats.R_all[0]
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True), stats["R"][0]
 
 
 def _segment_means(values: mx.array, segment: int) -> list[float]:

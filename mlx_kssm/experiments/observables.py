@@ -13,37 +13,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import mlx.core as mx
-import numpy as np
-
+from ..observables import (  # noqa: F401  (re-exported: the experiments' vocabulary)
+    GOLDILOCKS_R,
+    GOLDILOCKS_U,
+    goldilocks_fraction,
+    in_goldilocks,
+    normalized_entropy,
+)
 from .stats import nanmean
 
-GOLDILOCKS_R = (0.40, 0.55)
-GOLDILOCKS_U = (0.40, 0.60)
 REPETITION_WINDOW = 16  # rep/16 of Welleck et al. (2019)
-
-
-def normalized_entropy(logits: mx.array) -> mx.array:
-    """U = entropy of softmax(logits) / log V over the last axis. (..., V) -> (...)."""
-    logits = logits.astype(mx.float32)
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    # exp(-inf) * -inf is NaN; masked entries (probability 0) contribute nothing.
-    plogp = mx.where(mx.isinf(logp), 0.0, mx.exp(logp) * logp)
-    return -mx.sum(plogp, axis=-1) / math.log(logits.shape[-1])
-
-
-def in_goldilocks(R: Sequence[float], U: Sequence[float]) -> np.ndarray:
-    """Boolean per step: R and U both inside the Goldilocks zone."""
-    R, U = np.asarray(R, dtype=float), np.asarray(U, dtype=float)
-    r_ok = (R >= GOLDILOCKS_R[0]) & (R <= GOLDILOCKS_R[1])
-    u_ok = (U >= GOLDILOCKS_U[0]) & (U <= GOLDILOCKS_U[1])
-    return r_ok & u_ok
-
-
-def goldilocks_fraction(R: Sequence[float], U: Sequence[float]) -> float:
-    """Fraction of steps in the Goldilocks zone (NaN for no steps)."""
-    inside = in_goldilocks(R, U)
-    return float(inside.mean()) if inside.size else math.nan
 
 
 def distinct_n(tokens: Sequence[int], n: int) -> float:

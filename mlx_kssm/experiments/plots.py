@@ -1,16 +1,18 @@
 """`kssm plot RUN_DIR`: PNG figures of a training run, drawn from its metrics.jsonl.
 
 loss.png      train CE and total loss, val CE and val loss (the published "val loss")
-R.png         the order parameter R: val R per layer, train R (mean over layers)
-u.png         the reduced variable u and |det| per layer (val; train where no eval yet)
-summary.png   the four trajectories the paper followed (loss, R, u, |det|) side by side,
-              with the published K-SSM v3 numbers marked where the run reaches their step
+NAME.png      one per metric the model reports per layer (K-SSM v3: R.png, u.png, det.png):
+              val per layer (train where no eval yet), the train mean over layers
+summary.png   all of them side by side; for K-SSM v3 runs the published numbers are marked
+              where the run reaches their step
+The figures follow the names in metrics.jsonl, so any architecture's metrics are drawn.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 from ..jsonl import read_rows
@@ -62,23 +64,41 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / FIGURES_DIR
     out.mkdir(parents=True, exist_ok=True)
     variant = _variant(run_dir)
+    metrics = metric_names(train, evals)
+    figures = [("loss", [_loss])] + [(m, [partial(_metric, m)]) for m in metrics]
+    figures.append(("summary", [_loss] + [partial(_metric, m) for m in metrics]))
     written = []
-    for name, panels in (
-        ("loss", [_loss]),
-        ("R", [_order_parameter]),
-        ("u", [_reduced_variable, _determinant]),
-        ("summary", [_loss, _order_parameter, _reduced_variable, _determinant]),
-    ):
+    for name, panels in figures:
         ncols = 2 if len(panels) > 1 else 1
         nrows = (len(panels) + 1) // 2
         fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 4.2 * nrows), squeeze=False)
         for panel, ax in zip(panels, axes.flat, strict=False):
             panel(ax, train, evals, variant if name == "summary" else None)
+        for ax in list(axes.flat)[len(panels) :]:
+            ax.set_visible(False)
         fig.suptitle(f"{Path(run_dir).resolve().name}: {name}")
         fig.tight_layout()
         written.append(_save(fig, out / f"{name}.png"))
         plt.close(fig)
     return written
+
+
+# Row fields that are not a model's metrics (training.py and progress.py write them).
+_NOT_METRICS = {"kind", "step", "loss", "ce", "lr", "tokens_per_s", "seconds_per_step"}
+_NOT_METRICS |= {"skipped", "tokens", "elapsed_s", "grad_norm", "time", "reason", "from"}
+
+
+def metric_names(train: list[dict], evals: list[dict]) -> list[str]:
+    """The model's per-layer metrics in a run's rows (e.g. R, u, det for K-SSM v3): the names
+    ``m`` for which a row holds ``m_layers`` (train) or ``val_m_layers`` (eval)."""
+    names: list[str] = []
+    for row in evals[:1] + train[:1]:
+        for key in row:
+            if key.endswith("_layers"):
+                name = key.removeprefix("val_").removesuffix("_layers")
+                if name not in names and name not in _NOT_METRICS:
+                    names.append(name)
+    return names
 
 
 def _loss(ax, train, evals, variant) -> None:
@@ -96,46 +116,31 @@ def _loss(ax, train, evals, variant) -> None:
             color="C3",
             ms=3,
             lw=1,
-            label="val loss (CE + λ·reg)",
+            label="val loss (CE + w·aux)",
         )
     _published(ax, variant, "val_loss", train, evals)
     ax.set(xlabel="step", ylabel="nats per token", title="loss")
     ax.legend(fontsize=8)
 
 
-def _order_parameter(ax, train, evals, variant) -> None:
-    if train:
-        ax.plot(
-            [r["step"] for r in train],
-            [r["R"] for r in train],
-            color="0.6",
-            lw=1,
-            label="train R (mean)",
-        )
-    for layer, values in enumerate(_per_layer(evals, "val_R_layers")):
-        ax.plot([r["step"] for r in evals], values, "o-", ms=3, label=f"val R, layer {layer}")
-    _published(ax, variant, "val_R", train, evals)
-    ax.set(xlabel="step", ylabel="R", title="order parameter R", ylim=(0, 1.02))
-    ax.legend(fontsize=8)
-
-
-def _reduced_variable(ax, train, evals, variant) -> None:
-    rows, key, where = (evals, "val_u_layers", "val") if evals else (train, "u_layers", "train")
-    for layer, values in enumerate(_per_layer(rows, key)):
-        ax.plot([r["step"] for r in rows], values, "o-", ms=3, label=f"{where} u, layer {layer}")
-    _published(ax, variant, "val_u", train, evals)
-    ax.axhline(0, color="0.7", lw=0.8)
-    ax.set(xlabel="step", ylabel="u", title="reduced variable u (mean)")
-    ax.legend(fontsize=8)
-
-
-def _determinant(ax, train, evals, variant) -> None:
-    rows, key, where = (evals, "val_det_layers", "val") if evals else (train, "det_layers", "train")
+def _metric(name, ax, train, evals, variant) -> None:
+    """One metric per layer: val where evaluated, else train; the train mean as a grey line."""
+    if train and all(isinstance(r.get(name), (int, float)) for r in train):
+        steps = [r["step"] for r in train]
+        ax.plot(steps, [r[name] for r in train], color="0.6", lw=1, label=f"train {name} (mean)")
+    rows, key, where = (
+        (evals, f"val_{name}_layers", "val")
+        if any(f"val_{name}_layers" in r for r in evals)
+        else (train, f"{name}_layers", "train")
+    )
     for layer, values in enumerate(_per_layer(rows, key)):
         ax.plot(
-            [r["step"] for r in rows], values, "o-", ms=3, label=f"{where} |det|, layer {layer}"
+            [r["step"] for r in rows], values, "o-", ms=3, label=f"{where} {name}, layer {layer}"
         )
-    ax.set(xlabel="step", ylabel="|det|", title="|det| (mean)")
+    _published(ax, variant, f"val_{name}", train, evals)
+    if name == "R":
+        ax.set(ylim=(0, 1.02))
+    ax.set(xlabel="step", ylabel=name, title=f"{name} per layer")
     ax.legend(fontsize=8)
 
 
@@ -157,13 +162,16 @@ def _published(ax, variant, key, train, evals) -> None:
         ax.plot(*zip(*points, strict=True), "*", color="k", ms=10, label=f"published {variant}")
 
 
-def _variant(run_dir) -> str:
-    """bistable or monostable, from the run's train_config.json (bistable if unknown)."""
+def _variant(run_dir) -> str | None:
+    """The published K-SSM v3 run this one compares with (bistable or monostable), from the
+    run's train_config.json; None for other architectures."""
     try:
-        config = json.loads((Path(run_dir) / "train_config.json").read_text())
-        return "bistable" if config["model"].get("bistable", True) else "monostable"
+        model = json.loads((Path(run_dir) / "train_config.json").read_text())["model"]
     except (OSError, ValueError, KeyError, TypeError):
-        return "bistable"
+        return None
+    if not isinstance(model, dict) or model.get("model_type", "kssm_v3") != "kssm_v3":
+        return None
+    return "bistable" if model.get("bistable", True) else "monostable"
 
 
 def _save(fig, path: Path) -> Path:

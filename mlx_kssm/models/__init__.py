@@ -1,14 +1,55 @@
-"""Model architectures, by ModelArgs.model_type."""
+"""The architectures, found by ``model_type`` (as mlx-lm finds its models).
 
-from .v3 import Model as KSSMv3
+Each architecture is a module here owning its ``ModelArgs`` (a dataclass on
+:class:`~mlx_kssm.models.base.BaseModelArgs`) and its ``Model``, which implements the contract
+described in base.py. To add one: write the module and add a line to ``MODEL_TYPES``; the
+contract test (tests/test_contract.py) then runs over it.
+"""
 
-ARCHITECTURES = {"kssm_v3": KSSMv3}
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .base import BaseModelArgs, ConfigError
+
+# model_type -> module in this package. An explicit table, not an import of whatever name a
+# config.json holds: the config is user input.
+MODEL_TYPES: dict[str, str] = {
+    "kssm_v3": "kssm_v3",
+}
 
 
-def build_model(args):
-    try:
-        return ARCHITECTURES[args.model_type](args)
-    except KeyError:
-        raise ValueError(
-            f"unknown model_type {args.model_type!r}; known: {', '.join(ARCHITECTURES)}"
-        ) from None
+def get_classes(model_type: str) -> tuple[type, type]:
+    """(Model, ModelArgs) of ``model_type``; ConfigError naming the known types otherwise."""
+    module = MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
+    if module is None:
+        shown = repr(model_type)[:40]
+        raise ConfigError(f"unknown model_type {shown}; known: {', '.join(sorted(MODEL_TYPES))}")
+    arch = importlib.import_module(f"{__name__}.{module}")
+    return arch.Model, arch.ModelArgs
+
+
+def model_args_from_config(config: dict[str, Any] | BaseModelArgs) -> BaseModelArgs:
+    """Validated ModelArgs from a config dict (``model_type`` picks the class; a config
+    without one is a K-SSM v3 config, as every config written before the registry was)."""
+    if isinstance(config, BaseModelArgs):
+        config.validate()
+        return config
+    if not isinstance(config, dict):
+        raise ConfigError(f"a model config must be a JSON object, not {type(config).__name__}")
+    _, args_class = get_classes(config.get("model_type", "kssm_v3"))
+    return args_class.from_config(config)
+
+
+def build_model(config: dict[str, Any] | BaseModelArgs):
+    """A freshly initialised Model from a config dict or a ModelArgs (validated first)."""
+    args = model_args_from_config(config)
+    model_class, _ = get_classes(args.model_type)
+    return model_class(args)
+
+
+def presets(model_type: str) -> dict[str, dict[str, Any]]:
+    """The named model sizes of an architecture (its module's PRESETS)."""
+    get_classes(model_type)
+    return importlib.import_module(f"{__name__}.{MODEL_TYPES[model_type]}").PRESETS
