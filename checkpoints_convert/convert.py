@@ -18,10 +18,10 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..run_folder import OPTIMIZER_NAME, TRAINER_STATE_NAME, save_training_checkpoint
 from ..config import ModelArgs
 from ..io import CONFIG_NAME, WEIGHTS_NAME, save
 from ..models import build_model
+from ..run_folder import OPTIMIZER_NAME, TRAINER_STATE_NAME, save_training_checkpoint
 from .torch_zip import CheckpointError, TensorRef, read_checkpoint
 from .v3_rules import OUTPUT_HEAD, Shapes, infer_config, parameter_shapes
 

@@ -29,10 +29,10 @@ from typer.testing import CliRunner
 
 import mlx_kssm
 from mlx_kssm import Model
-from mlx_kssm.run_folder import is_training_checkpoint, load_trainer_state
 from mlx_kssm.checkpoints_convert.convert import convert
 from mlx_kssm.checkpoints_convert.torch_zip import CheckpointError
 from mlx_kssm.cli.app import app
+from mlx_kssm.run_folder import is_training_checkpoint, load_trainer_state
 
 
 def source_weights(**overrides) -> dict[str, np.ndarray]:

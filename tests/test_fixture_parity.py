@@ -17,10 +17,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 from torch_zip_writer import torch_order
 
 import mlx_kssm
-from mlx_kssm.run_folder import load_optimizer_state, load_trainer_state
 from mlx_kssm.checkpoints_convert.convert import convert
 from mlx_kssm.checkpoints_convert.torch_zip import read_checkpoint
 from mlx_kssm.checkpoints_convert.v3_rules import OUTPUT_HEAD, parameter_shapes
+from mlx_kssm.run_folder import load_optimizer_state, load_trainer_state
 
 TINY = FIXTURES / "torch-v3-tiny"
 

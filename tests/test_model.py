@@ -9,8 +9,7 @@ from conftest import tiny_args
 from mlx.utils import tree_flatten
 
 from mlx_kssm import Model, ModelArgs, load, save
-from mlx_kssm.ops import force_order_parameter
-from mlx_kssm.ops import harmonic_features, harmonic_features_direct
+from mlx_kssm.ops import force_order_parameter, harmonic_features, harmonic_features_direct
 
 
 def n_params(model) -> int:

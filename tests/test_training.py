@@ -23,11 +23,11 @@ from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 from mlx_kssm import load, training
-from mlx_kssm.run_folder import load_trainer_state
 from mlx_kssm.cli.app import app
 from mlx_kssm.config import TrainArgs, model_args_for, train_args_for
 from mlx_kssm.data import write_token_folder
 from mlx_kssm.io import checkpoint_dirs
+from mlx_kssm.run_folder import load_trainer_state
 from mlx_kssm.steps import resolve_head_backend
 from mlx_kssm.training import (
     Trainer,
