@@ -8,21 +8,21 @@ import os
 
 import numpy as np
 import pytest
-from test_training import (  # noqa: F401  (token_data is a fixture)
-    MODEL_FLAGS,
-    RUN_FLAGS,
-    args_for,
-    inject_nan,
-    rows,
-    token_data,
-)
+from test_training import MODEL_FLAGS, RUN_FLAGS, args_for, inject_nan, rows, synthetic_stream
 from typer.testing import CliRunner
 
-from mlx_kssm import run_folder, training, trainer
+from mlx_kssm import run_folder, trainer, training
 from mlx_kssm.cli.app import app
 from mlx_kssm.data import DataError, prepare_tokens, resolve_source, write_token_folder
 from mlx_kssm.run_folder import checkpoint_dirs, load_trainer_state
 from mlx_kssm.training import TrainingInputError, TrainingStopped, run_training
+
+
+@pytest.fixture(scope="module")
+def token_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data") / "tokens"
+    streams = {"train": synthetic_stream(4_000, 0), "valid": synthetic_stream(600, 1)}
+    return write_token_folder(folder, streams)
 
 
 def one_line(result) -> str:
