@@ -494,3 +494,20 @@ def test_an_unwritable_cache_is_one_line_before_tokenising(tmp_path, monkeypatch
     message = str(err.value)
     assert "KSSM_CACHE" in message and str(root) in message and "not writable" in message
     assert "\n" not in message and calls == [] and blocker.read_text() == "not a folder"
+
+
+def test_control_bytes_are_reported_only_beyond_a_stray_one(tmp_path):
+    stray = "A line of text.\n\n" * 400 + "one \x02 stray\n"
+    (tmp_path / "stray.txt").write_text(stray)
+    console = recording_console()
+    tokens = prepare_tokens(resolve_source(str(tmp_path / "stray.txt")), console=console)
+    assert tokens.meta["control_bytes"] == 1 and "control bytes" not in console.file.getvalue()
+    many = "Text\x00\x00 with NULs.\n\n" * 100  # 2 NULs in 21 bytes: over 5%
+    (tmp_path / "many.txt").write_text(many)
+    with pytest.raises(DataError, match="control bytes such as NUL"):
+        resolve_source(str(tmp_path / "many.txt"))
+    some = "A longer line of ordinary text, with one NUL\x00 in it.\n\n" * 100
+    (tmp_path / "some.txt").write_text(some)
+    console = recording_console()
+    prepare_tokens(resolve_source(str(tmp_path / "some.txt")), console=console)
+    assert f"of {len(some):,} bytes, 100 are control bytes such as NUL" in console.file.getvalue()
