@@ -3,7 +3,7 @@
 What ``--data`` may name, in the order it is tried:
   1. a token folder: ``meta.json`` + ``tokens.*.bin``, as written by this module (reused as is)
   2. a folder with ``train.{txt,jsonl,json,parquet}`` and optionally ``valid.*`` / ``validation.*``
-     (WikiText-raw style, like ``../shared/corpora/*``)
+     (WikiText-raw style)
   3. one ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` file
   4. ``sotu-sample``: the public-domain corpus shipped with the package (``mlx_kssm/corpus/``)
   5. a hub dataset name (default ``wikitext-103-raw-v1``) through ``datasets``: needs a network
@@ -17,47 +17,79 @@ source's fingerprint, so that a changed source or tokenizer is noticed and token
 
 Training reads non-overlapping windows of seq_length + 1 tokens in an order drawn from the
 seed, one permutation per epoch; the data position is simply the number of windows consumed.
+
+The parts live beside this module, which ties them together and re-exports their names:
+documents.py (text and tables -> documents; binary and non-UTF-8 text), hub_datasets.py,
+token_folder.py (the token files and their sidecar, checked on opening) and windows.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import itertools
 import json
 import os
 import re
 import shutil
-import socket
-from collections.abc import Callable, Iterable, Iterator
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 
+from .documents import (
+    SPLIT_NAMES,
+    TextCount,
+    check_is_text,
+    group_documents,
+    table_rows,
+    text_lines,
+)
+from .hub_datasets import HubUnavailable, hub_documents, hub_id, hub_splits, load_hub
 from .io import atomic_folder, replace_folder
+from .token_folder import (
+    FORMAT_VERSION,
+    MAX_META_BYTES,
+    META_NAME,
+    TOKEN_DTYPE,
+    VALID_FRACTION,
+    DataError,
+    TokenData,
+    check_token_range,
+    hold_out,
+    one_line,
+    open_token_folder,
+    write_token_folder,
+    write_tokens,
+)
+from .windows import DataOrder, as_windows, eval_window_ids
+
+__all__ = [
+    "VALID_FRACTION",
+    "DataError",
+    "DataOrder",
+    "Source",
+    "TokenData",
+    "as_windows",
+    "check_cache_writable",
+    "check_token_range",
+    "eval_window_ids",
+    "group_documents",
+    "open_token_folder",
+    "prepare_tokens",
+    "resolve_source",
+    "write_token_folder",
+]
 
 SAMPLE_CORPUS = "sotu-sample"
 HUB_DEFAULT = "wikitext-103-raw-v1"
-META_NAME = "meta.json"
 TOKENIZER_NAME = "cl100k_base"
-FORMAT_VERSION = 1  # bump when the tokenisation rules change: old caches are then rebuilt
-VALID_FRACTION = 0.05  # held out for validation when a source has no validation split
 TEXT_SUFFIXES = (".txt",)
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
-SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "validation")}
 LOCAL_ALTERNATIVES = (
-    f"use --data {SAMPLE_CORPUS} (shipped with the package), a folder with train.txt/valid.txt "
-    "(e.g. ../shared/corpora/wiki-leads), or a .txt/.jsonl/.parquet file"
+    f"use --data {SAMPLE_CORPUS} (shipped with the package), --data FOLDER holding train.txt "
+    "(and valid.txt), or --data FILE (.txt, .jsonl or .parquet)"
 )
-# A WikiText article title: " = Title = " (section titles " = = Section = = " do not match).
-TITLE_LINE = re.compile(r"^ = [^=].* = \s*$")
-TITLE_LOOKAHEAD = 2_000  # lines read to decide whether a text has WikiText titles
-
-
-class DataError(ValueError):
-    """Bad or unusable data; the message is one line that says what to do."""
 
 
 @dataclass(frozen=True)
@@ -71,20 +103,6 @@ class Source:
     folder: Path | None = None  # the token folder (kind "tokens")
 
 
-@dataclass
-class TokenData:
-    """The train and valid token streams (memory-mapped) and the sidecar that describes them."""
-
-    folder: Path
-    meta: dict
-    train: np.ndarray  # (n_train,) int32
-    valid: np.ndarray  # (n_valid,) int32
-
-    @property
-    def fingerprint(self) -> str:
-        return self.meta["fingerprint"]
-
-
 # --------------------------------------------------------------------------- sources
 
 
@@ -94,7 +112,7 @@ def corpus_folder() -> Path:
 
 
 def resolve_source(spec: str) -> Source:
-    """Interpret ``--data``. Raises DataError for a missing, empty or unreadable path."""
+    """Interpret ``--data``. Raises DataError for a missing, empty, unreadable or binary path."""
     spec = (spec or "").strip()
     if not spec:
         raise DataError(f"--data is empty; {LOCAL_ALTERNATIVES}")
@@ -105,20 +123,12 @@ def resolve_source(spec: str) -> Source:
         return _local_source(corpus_folder(), spec)
     if _looks_like_path(spec):
         raise DataError(f"data path {spec} does not exist; {LOCAL_ALTERNATIVES}")
-    return Source(kind="hub", name=spec, hub=_hub_id(spec))
+    return Source(kind="hub", name=spec, hub=hub_id(spec))
 
 
 def _looks_like_path(spec: str) -> bool:
     suffix = Path(spec).suffix.lower()
     return spec.startswith((".", "~", os.sep)) or suffix in TEXT_SUFFIXES + TABLE_SUFFIXES
-
-
-def _hub_id(spec: str) -> tuple[str, str | None]:
-    """'wikitext-103-raw-v1' -> ('wikitext', 'wikitext-103-raw-v1'); 'owner/name:config'."""
-    if spec.startswith("wikitext-"):
-        return "wikitext", spec
-    path, _, config = spec.partition(":")
-    return path, config or None
 
 
 def _local_source(path: Path, spec: str) -> Source:
@@ -136,10 +146,14 @@ def _local_source(path: Path, spec: str) -> Source:
             raise DataError(f"{spec}: unsupported file type; {LOCAL_ALTERNATIVES}")
         splits = {"train": (path,)}
     for file in (f for fs in splits.values() for f in fs):
+        if not file.is_file():
+            raise DataError(f"{file} is not a regular file; {LOCAL_ALTERNATIVES}")
         if not os.access(file, os.R_OK):
-            raise DataError(f"{file} is not readable")
+            raise DataError(f"{file} is not readable; check its permissions")
         if file.stat().st_size == 0:
-            raise DataError(f"{file} is empty")
+            raise DataError(f"{file} is empty; {LOCAL_ALTERNATIVES}")
+        if file.suffix.lower() in TEXT_SUFFIXES:
+            check_is_text(file)
     return Source(kind="files", name=spec, files=splits)
 
 
@@ -151,130 +165,15 @@ def _find_split(folder: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
-# --------------------------------------------------------------------------- documents
-
-
-def group_documents(lines: Iterable[str]) -> Iterator[str]:
-    """Group text lines into documents: at WikiText titles when the text has any, else at
-    blank lines (one paragraph block per document, as in ``../shared/corpora/sotu``)."""
-    lines = iter(lines)
-    head = [line for _, line in zip(range(TITLE_LOOKAHEAD), lines, strict=False)]
-    by_title = any(TITLE_LINE.match(line) for line in head)
-    current: list[str] = []
-    for line in itertools.chain(head, lines):
-        starts_new = TITLE_LINE.match(line) if by_title else not line.strip()
-        if starts_new and current:
-            text = "".join(current).strip()
-            if text:
-                yield text
-            current = []
-        if by_title or line.strip():
-            current.append(line)
-    text = "".join(current).strip()
-    if text:
-        yield text
-
-
-def _text_lines(path: Path, advance: Callable[[int], None]) -> Iterator[str]:
-    """The lines of a UTF-8 text file, reporting the bytes read for the progress bar."""
-    with open(path, "rb") as f:
-        for raw in f:
-            advance(len(raw))
-            yield raw.decode("utf-8", errors="replace")
-
-
-def _table_rows(path: Path) -> Iterator[str]:
-    """The text column of a jsonl / json / parquet file, one document per row."""
-    import datasets  # heavy (~2 s): only when such a file is used
-
-    builder = "parquet" if path.suffix.lower() == ".parquet" else "json"
-    datasets.disable_progress_bars()
-    try:
-        table = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as err:  # noqa: BLE001 - datasets raises many types for a bad file
-        raise DataError(f"cannot read {path}: {_one_line(err)}") from None
-    yield from table[_text_column(table.column_names, str(path))]
-
-
-def _text_column(columns: list[str], where: str) -> str:
-    if "text" in columns:
-        return "text"
-    if len(columns) == 1:
-        return columns[0]
-    raise DataError(f"{where} has no 'text' column (columns: {', '.join(columns)})")
-
-
-# --------------------------------------------------------------------------- the hub
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub (or the proxy in front of it) answers, within ``timeout``."""
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    url = urlparse(proxy or os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _load_hub(source: Source):
-    """The hub dataset's splits. Offline, only the local ``datasets`` cache is tried: a
-    failure then comes at once instead of after ~25 s of retries."""
     path, config = source.hub
-    with _offline_unless_reachable() as offline:
-        import datasets
-
-        try:
-            return datasets.load_dataset(path, config)
-        except Exception as err:  # noqa: BLE001 - network errors arrive as many types
-            why = "no network and not in the local datasets cache" if offline else _one_line(err)
-            raise DataError(
-                f"cannot load the hub dataset {source.name!r} ({why}); {LOCAL_ALTERNATIVES}"
-            ) from None
-
-
-@contextlib.contextmanager
-def _offline_unless_reachable():
-    """HF offline mode for the duration, unless the hub answers (or offline mode is on)."""
-    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE") or ""
-    if flag.upper() in ("1", "ON", "YES", "TRUE"):
-        yield True
-        return
-    if hub_reachable():
-        yield False
-        return
-    saved_env = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"  # read by datasets and huggingface_hub at import
-    import datasets
-
-    saved_config = datasets.config.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = True  # for when datasets was imported before
     try:
-        yield True
-    finally:
-        datasets.config.HF_HUB_OFFLINE = saved_config
-        if saved_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved_env
-
-
-def _hub_splits(dataset) -> dict[str, object]:
-    names = {"train": SPLIT_NAMES["train"], "valid": SPLIT_NAMES["valid"]}
-    found = {k: next((dataset[n] for n in v if n in dataset), None) for k, v in names.items()}
-    if found["train"] is None:
-        raise DataError(f"the dataset has no train split (splits: {', '.join(dataset)})")
-    return {k: v for k, v in found.items() if v is not None}
-
-
-def _hub_documents(split, advance) -> Iterator[str]:
-    """Rows are lines (WikiText) when titles appear among the first rows, else documents."""
-    rows = split[_text_column(split.column_names, "the dataset")]
-    counted = _counted(rows, advance)
-    if any(TITLE_LINE.match(row or "") for row in rows[:TITLE_LOOKAHEAD]):
-        return group_documents(row if row.endswith("\n") else row + "\n" for row in counted)
-    return counted
+        return load_hub(path, config)
+    except HubUnavailable as err:
+        raise DataError(
+            f"cannot load the hub dataset {one_line(source.name, 80)!r} ({err}); "
+            f"{LOCAL_ALTERNATIVES}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- tokenising
@@ -330,10 +229,16 @@ def prepare_tokens(source: Source, console=None, root: Path | None = None) -> To
     fingerprint = source_fingerprint(source)
     stale = _stale_reason(folder, fingerprint, tokenizer)
     if stale is None:
-        return open_token_folder(folder)
-    if stale and console is not None:
-        console.print(f"[yellow]{source.name}: {stale}; tokenising again[/]")
-    _tokenise_source(source, folder, fingerprint, tokenizer, console)
+        try:
+            return open_token_folder(folder)
+        except DataError as err:  # damaged on disk since: the source is there to redo it
+            stale = f"the cached tokens cannot be used ({one_line(err, 120)})"
+    if stale:
+        _say(console, f"{source.name}: {stale}; tokenising again")
+    check_cache_writable(folder.parent.parent)
+    notes = _tokenise_source(source, folder, fingerprint, tokenizer, console)
+    for note in notes:
+        _say(console, note)
     tokens = open_token_folder(folder)
     if console is not None:
         console.print(
@@ -343,12 +248,32 @@ def prepare_tokens(source: Source, console=None, root: Path | None = None) -> To
     return tokens
 
 
+def check_cache_writable(root: Path | None = None) -> Path:
+    """The token cache (``$KSSM_CACHE``) exists and takes files; else a one-line DataError.
+    Checked before tokenising, so that hours of work are not lost at the last write."""
+    root = Path(root) if root is not None else cache_root()
+    try:
+        (root / "tokens").mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root / "tokens"):
+            pass
+    except OSError as err:
+        raise DataError(
+            f"the token cache {root} is not writable ({err.strerror or one_line(err)}); set "
+            "KSSM_CACHE to a folder you can write, e.g. export KSSM_CACHE=/tmp/mlx-kssm-cache"
+        ) from None
+    return root
+
+
 def _stale_reason(folder: Path, fingerprint: str, tokenizer: dict) -> str | None:
     """None if the cached tokens can be reused, "" if there are none, else why not."""
     try:
-        meta = json.loads((folder / META_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
+        if (folder / META_NAME).stat().st_size > MAX_META_BYTES:
+            return "the cached sidecar is not ours"
+        meta = json.loads((folder / META_NAME).read_bytes())
+    except (OSError, ValueError, RecursionError):
         return ""
+    if not isinstance(meta, dict):
+        return "the cached sidecar is not ours"
     if meta.get("format") != FORMAT_VERSION:
         return "the cached tokens were made by another version of mlx-kssm"
     if meta.get("fingerprint") != fingerprint:
@@ -360,182 +285,54 @@ def _stale_reason(folder: Path, fingerprint: str, tokenizer: dict) -> str | None
 
 def _tokenise_source(
     source: Source, folder: Path, fingerprint: str, tokenizer: dict, console
-) -> None:
-    """Write the token folder to a temporary name and rename it into place."""
+) -> list[str]:
+    """Write the token folder to a temporary name and rename it into place. Returns one
+    line per text file that held bytes that are not UTF-8 text (to tell the user)."""
     tmp = atomic_folder(folder)
+    text_counts: dict[Path, TextCount] = {}
     try:
         with _progress(console, f"tokenising {source.name}") as (advance, set_total):
             if source.kind == "hub":
-                splits = _hub_splits(_load_hub(source))
+                splits = hub_splits(_load_hub(source))
                 set_total(sum(len(s) for s in splits.values()))
-                streams = {k: _hub_documents(s, advance) for k, s in splits.items()}
+                streams = {k: hub_documents(s, advance) for k, s in splits.items()}
             else:
                 set_total(sum(f.stat().st_size for fs in source.files.values() for f in fs))
-                streams = {k: _file_documents(fs, advance) for k, fs in source.files.items()}
-            counts = {
-                k: _write_tokens(docs, tmp / f"tokens.{k}.bin") for k, docs in streams.items()
-            }
+                streams = {
+                    k: _file_documents(fs, advance, text_counts) for k, fs in source.files.items()
+                }
+            counts = {k: write_tokens(docs, tmp / f"tokens.{k}.bin") for k, docs in streams.items()}
         splits = {k: {"file": f"tokens.{k}.bin", "start": 0, "stop": n} for k, n in counts.items()}
         if "valid" not in splits:
-            splits = _hold_out(tmp / splits["train"]["file"], counts["train"], tokenizer["eot"])
+            splits = hold_out(tmp / splits["train"]["file"], counts["train"], tokenizer["eot"])
         meta = {
             "format": FORMAT_VERSION,
             "source": source.name,
             "fingerprint": fingerprint,
             "tokenizer": tokenizer,
-            "dtype": "int32",
+            "dtype": TOKEN_DTYPE,
             "splits": splits,
             "n_tokens": {k: v["stop"] - v["start"] for k, v in splits.items()},
+            "undecodable_bytes": sum(c.undecodable for c in text_counts.values()),
+            "control_bytes": sum(c.control for c in text_counts.values()),
         }
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return [line for file, c in text_counts.items() if (line := c.report(file))]
 
 
-def _file_documents(files: tuple[Path, ...], advance) -> Iterator[str]:
+def _file_documents(
+    files: tuple[Path, ...], advance, counts: dict[Path, TextCount]
+) -> Iterator[str]:
     for file in files:
         if file.suffix.lower() in TEXT_SUFFIXES:
-            yield from group_documents(_text_lines(file, advance))
+            counts[file] = TextCount()
+            yield from group_documents(text_lines(file, advance, counts[file]))
         else:
-            yield from _table_rows(file)
+            yield from table_rows(file)
             advance(file.stat().st_size)
-
-
-def _counted(rows: Iterable[str], advance) -> Iterator[str]:
-    for row in rows:
-        advance(1)
-        yield row
-
-
-def _write_tokens(documents: Iterable[str], path: Path, chunk: int = 512) -> int:
-    """Tokenise documents (an end-of-text token after each) into a flat int32 file."""
-    from .tokenizer import get_encoding
-
-    enc = get_encoding()
-    eot = np.array([enc.eot_token], dtype=np.int32)
-    total = 0
-    with open(path, "wb") as f:
-        batch: list[str] = []
-        for doc in documents:
-            if doc and doc.strip():
-                batch.append(doc.strip())
-            if len(batch) == chunk:
-                total += _write_batch(enc, batch, eot, f)
-                batch = []
-        if batch:
-            total += _write_batch(enc, batch, eot, f)
-    return total
-
-
-def _write_batch(enc, docs: list[str], eot: np.ndarray, f) -> int:
-    ids = enc.encode_ordinary_batch(docs, num_threads=os.cpu_count() or 1)
-    flat = np.concatenate([part for doc in ids for part in (np.asarray(doc, np.int32), eot)])
-    flat.tofile(f)
-    return flat.size
-
-
-def _hold_out(path: Path, n_tokens: int, eot: int) -> dict:
-    """Split one token file: the last ~VALID_FRACTION, from a document start, is validation."""
-    if n_tokens == 0:
-        empty = {"file": path.name, "start": 0, "stop": 0}
-        return {"train": empty, "valid": dict(empty)}
-    tokens = np.memmap(path, dtype=np.int32, mode="r", shape=(n_tokens,))
-    target = int(n_tokens * (1 - VALID_FRACTION))
-    ends = np.flatnonzero(tokens[target:] == eot)
-    cut = target + int(ends[0]) + 1 if ends.size and target + ends[0] + 1 < n_tokens else target
-    del tokens
-    return {
-        "train": {"file": path.name, "start": 0, "stop": cut},
-        "valid": {"file": path.name, "start": cut, "stop": n_tokens},
-    }
-
-
-def write_token_folder(folder: Path, splits: dict[str, np.ndarray], name: str = "tokens") -> Path:
-    """Write already tokenised splits (e.g. synthetic test data) as a token folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    meta_splits = {}
-    for split, tokens in splits.items():
-        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
-        tokens.tofile(folder / f"tokens.{split}.bin")
-        digest.update(split.encode() + tokens.tobytes())
-        meta_splits[split] = {"file": f"tokens.{split}.bin", "start": 0, "stop": int(tokens.size)}
-    meta = {
-        "format": FORMAT_VERSION,
-        "source": name,
-        "fingerprint": digest.hexdigest()[:24],
-        "tokenizer": {"name": "custom"},
-        "dtype": "int32",
-        "splits": meta_splits,
-        "n_tokens": {k: v["stop"] for k, v in meta_splits.items()},
-    }
-    (folder / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    return folder
-
-
-def open_token_folder(folder: Path) -> TokenData:
-    """Memory-map a token folder's splits, checking them against the sidecar."""
-    folder = Path(folder)
-    try:
-        meta = json.loads((folder / META_NAME).read_text())
-        views = {k: _open_split(folder, spec) for k, spec in meta["splits"].items()}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise DataError(f"{folder} is not a usable token folder: {_one_line(err)}") from None
-    if "train" not in views or "valid" not in views:
-        raise DataError(f"{folder}/{META_NAME} must describe a train and a valid split")
-    return TokenData(folder=folder, meta=meta, train=views["train"], valid=views["valid"])
-
-
-def _open_split(folder: Path, spec: dict) -> np.ndarray:
-    path = folder / spec["file"]
-    size = path.stat().st_size // 4
-    if spec["stop"] > size or spec["start"] > spec["stop"]:
-        raise ValueError(f"{path.name} holds {size} tokens, the sidecar expects {spec['stop']}")
-    if size == 0:
-        return np.zeros(0, dtype=np.int32)
-    return np.memmap(path, dtype=np.int32, mode="r", shape=(size,))[spec["start"] : spec["stop"]]
-
-
-# --------------------------------------------------------------------------- windows
-
-
-def as_windows(tokens: np.ndarray, seq_length: int) -> np.ndarray:
-    """Non-overlapping windows of seq_length + 1 tokens: (n_windows, seq_length + 1), a view."""
-    n = tokens.size // (seq_length + 1)
-    return tokens[: n * (seq_length + 1)].reshape(n, seq_length + 1)
-
-
-class DataOrder:
-    """The order in which training windows are read: a fresh permutation per epoch, drawn
-    from (seed, epoch), so that any position can be recomputed from the seed alone."""
-
-    def __init__(self, n_windows: int, seed: int):
-        if n_windows <= 0:
-            raise ValueError("no training windows")
-        self.n_windows, self.seed = n_windows, seed
-        self._epoch, self._perm = -1, None
-
-    def window_ids(self, position: int, count: int) -> np.ndarray:
-        """The window indices at data positions position .. position + count - 1."""
-        out = np.empty(count, dtype=np.int64)
-        for i in range(count):
-            epoch, index = divmod(position + i, self.n_windows)
-            out[i] = self._permutation(epoch)[index]
-        return out
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._epoch, self._perm = epoch, rng.permutation(self.n_windows)
-        return self._perm
-
-
-def eval_window_ids(n_windows: int, count: int) -> np.ndarray:
-    """A fixed set of validation windows, spread evenly over the validation split."""
-    count = min(count, n_windows)
-    return np.unique(np.linspace(0, n_windows - 1, count).round().astype(np.int64))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -571,6 +368,7 @@ class _progress:
         return False
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+def _say(console, line: str) -> None:
+    """A yellow note on the console (the text is printed as is: paths may hold brackets)."""
+    if console is not None:
+        console.print(line, style="yellow", markup=False, highlight=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainArgs, model_args_for, train_args_for
-from .data import DataError, TokenData
+from .data import DataError, TokenData, check_token_range
 from .io import CONFIG_NAME, read_config
 from .models import ConfigError, build_model, model_args_from_config
 from .models.base import BaseModelArgs
@@ -192,14 +192,8 @@ def check_data(data: TokenData, args: TrainArgs, model_args: BaseModelArgs) -> N
         raise DataError(
             f"too little validation data: {data.valid.size} tokens, one window needs {window}"
         )
-    low = min(int(data.train.min()), int(data.valid.min()))
-    top = max(int(data.train.max()), int(data.valid.max()))
-    if low < 0 or top >= model_args.vocab_size:
-        bad = low if low < 0 else top
-        raise DataError(
-            f"the data has token id {bad} but the model's vocabulary is 0..{model_args.vocab_size - 1}"
-            "; re-tokenise it (delete the token cache) or use a model with this tokenizer"
-        )
+    check_token_range(data.train, model_args.vocab_size, "the training data")
+    check_token_range(data.valid, model_args.vocab_size, "the validation data")
 
 
 def absolute_paths(args: TrainArgs) -> TrainArgs:
