@@ -18,7 +18,8 @@ class _KssmGroup(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        run_with_short_errors(super().main, args, prog_name, complete_var, **extra)
+        commands = set(self.commands)
+        run_with_short_errors(super().main, args, prog_name, complete_var, commands, **extra)
 
 
 app = typer.Typer(

@@ -189,10 +189,16 @@ def _eval_tokens(model, text: Path | None, prompts: list[str]) -> tuple[list[int
 
 def compare(
     model_a: Annotated[
-        Path | None, typer.Argument(help="First model (folder or run folder).", show_default=False)
+        Path | None,
+        typer.Argument(
+            metavar="MODEL_A", help="First model (folder or run folder).", show_default=False
+        ),
     ] = None,
     model_b: Annotated[
-        Path | None, typer.Argument(help="Second model (folder or run folder).", show_default=False)
+        Path | None,
+        typer.Argument(
+            metavar="MODEL_B", help="Second model (folder or run folder).", show_default=False
+        ),
     ] = None,
     prompts: PromptsOpt = None,
     trials: TrialsOpt = 3,

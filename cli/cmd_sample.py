@@ -67,8 +67,15 @@ def sample(
     ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
     check_model_path(model)
     check_outputs(**{"--json": json_out})
-    texts = [decode_tokens(ids)] if ids is not None else read_prompts(prompt, prompts, [""])
+    texts = read_prompts(prompt, prompts, [""]) if ids is None else []
     net = load_model(model)
+    if ids is not None:  # checked against the vocabulary before anything decodes them
+        vocab = net.args.vocab_size
+        outside = [t for t in ids if not 0 <= t < vocab]
+        if outside:
+            fail(f"--prompt-ids: {outside[0]} is not a token id of this model (0..{vocab - 1})")
+        check_prompt_tokens(net, ids, "--prompt-ids")
+        texts = [decode_tokens(ids)]
     encoded = [ids] if ids is not None else [_encode(net, text) for text in texts]
     out = console()
     if not mixes_sequence(net):

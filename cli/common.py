@@ -3,6 +3,7 @@ nearby when the path is wrong), prompts, and output paths checked before any wor
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Annotated
@@ -39,7 +40,7 @@ MinTextOpt = Annotated[
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the full result here.")]
 
 RUNS_DIR = Path("runs")
-_SCAN_LIMIT = 2000  # folders looked at when listing the models nearby: bounded time
+_SCAN_LIMIT = 5000  # folder entries looked at when listing the models nearby: bounded time
 _LISTED = 6
 
 
@@ -69,14 +70,14 @@ def nearby_models(path: Path | None = None) -> list[str]:
 
     def scan(folder: Path, depth: int) -> None:
         nonlocal budget
-        try:
-            children = sorted(p for p in folder.iterdir() if p.is_dir())
+        try:  # a folder of a million entries costs no more than the budget left
+            entries = sorted(itertools.islice(folder.iterdir(), max(budget, 0)))
         except OSError:
             return
-        for child in children:
-            if budget <= 0 or child.name.startswith("."):
+        budget -= len(entries)
+        for child in entries:
+            if child.name.startswith(".") or not child.is_dir():
                 continue
-            budget -= 1
             if _is_model_or_run(child):
                 found[os.path.normpath(child)] = None
             elif depth > 1:
@@ -151,8 +152,12 @@ def check_output_path(path: Path, flag: str) -> None:
         probe = probe.parent
     if not probe.is_dir():
         fail(f"{flag} {path}: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if not _writable(probe):
         fail(f"{flag} {path}: the folder {probe} is not writable; choose another path with {flag}")
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def check_outputs(**paths: Path | None) -> None:

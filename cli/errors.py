@@ -32,7 +32,7 @@ def _parser_exceptions():
     return exceptions
 
 
-def run_with_short_errors(main, args, prog_name, complete_var, **extra) -> NoReturn:
+def run_with_short_errors(main, args, prog_name, complete_var, commands, **extra) -> NoReturn:
     """Run a command group's ``main`` (non-standalone) and exit like click, except that a usage
     error is one line, 'error: <what> (see 'kssm CMD --help')', with its exit code (2)."""
     exceptions = _parser_exceptions()
@@ -43,11 +43,16 @@ def run_with_short_errors(main, args, prog_name, complete_var, **extra) -> NoRet
             err.show()
             sys.exit(err.exit_code)
         ctx = getattr(err, "ctx", None)
-        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        if ctx is not None:
+            where = ctx.command_path
+        else:  # some parser errors carry no context: name the command from the arguments
+            given = list(sys.argv[1:] if args is None else args)
+            where = f"kssm {given[0]}" if given and given[0] in commands else "kssm"
+        hint = f" (see '{where} --help')"
         message = " ".join(err.format_message().split())
         typer.echo(f"error: {message}{hint}", err=True)
         sys.exit(err.exit_code)
-    except exceptions.Abort:
+    except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
