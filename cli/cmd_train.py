@@ -1,14 +1,41 @@
 """`kssm train` and `kssm plot` (issue 4): thin wrappers over mlx_kssm.training and
 mlx_kssm.experiments.plots. Every option defaults to None, meaning "not given": a fresh run
-then takes the preset's value, a resumed run the value its checkpoint recorded."""
+then takes the preset's value, a resumed run the value its checkpoint recorded. --help shows
+each preset's value; --print-config shows what a command line resolves to."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import typer
 
+from mlx_kssm.config import TRAIN_PRESETS, TrainArgs, model_args_for, train_args_for
+
 from .errors import fail
+
+
+def _show(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _preset_default(name: str) -> str:
+    """A field's default in every preset, for --help: 'published 0.0004, ..., tiny 0.03'."""
+    train_field = name in {f.name for f in dataclasses.fields(TrainArgs)}
+    values = {
+        preset: getattr(train_args_for(preset) if train_field else model_args_for(preset), name)
+        for preset in TRAIN_PRESETS
+    }
+    if len({repr(v) for v in values.values()}) == 1:
+        return _show(next(iter(values.values())))
+    return ", ".join(f"{preset} {_show(v)}" for preset, v in values.items())
+
+
+def _with_default(text: str, default: str) -> str:
+    """Help text ending in the default, as typer shows a fixed one (typer would put a string
+    default in parentheses)."""
+    return f"{text}  [default: {default}]"
+
 
 _MODEL = "Model (its shape is fixed once trained)"
 _SCHEDULE = "Optimizer and schedule"
@@ -24,127 +51,230 @@ def train(
         show_default=False,
     ),
     preset: str | None = typer.Option(
-        None, "--preset", help="published (46M, default) | small | tiny: model + schedule."
+        None,
+        "--preset",
+        help=_with_default(
+            "published (46M) | small | tiny: model + schedule; the other defaults follow it.",
+            "published",
+        ),
     ),
     data: str | None = typer.Option(
         None,
         "--data",
-        help="A folder with train.txt/valid.txt, a .txt/.jsonl/.parquet file, 'sotu-sample' "
-        "(shipped; the tiny preset's default) or a hub dataset (default "
-        "wikitext-103-raw-v1; needs a network).",
+        help=_with_default(
+            "A folder with train.txt/valid.txt, a .txt/.jsonl/.parquet file, 'sotu-sample' "
+            "(shipped with the package) or a hub dataset name (needs a network).",
+            _preset_default("data"),
+        ),
     ),
-    out: str | None = typer.Option(None, "--out", help="Run folder (default runs/kssm)."),
-    steps: int | None = typer.Option(None, "--steps", help="Optimizer updates in total."),
-    seed: int | None = typer.Option(None, "--seed", help="Init, data order and noise."),
+    out: str | None = typer.Option(
+        None, "--out", help=_with_default("Run folder.", _preset_default("out"))
+    ),
+    steps: int | None = typer.Option(
+        None, "--steps", help=_with_default("Optimizer updates in total.", _preset_default("steps"))
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", help=_with_default("Init, data order and noise.", _preset_default("seed"))
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue exactly from the newest checkpoint (or CHECKPOINT)."
     ),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per micro-batch."),
-    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Micro-batches per update."),
-    seq_length: int | None = typer.Option(None, "--seq-length", help="Tokens per window."),
+    print_config: bool = typer.Option(
+        False,
+        "--print-config",
+        help="Print the resolved configuration (JSON: train, model) and exit; nothing is written.",
+    ),
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch-size",
+        help=_with_default("Sequences per micro-batch.", _preset_default("batch_size")),
+    ),
+    grad_accum: int | None = typer.Option(
+        None,
+        "--grad-accum",
+        help=_with_default("Micro-batches per update.", _preset_default("grad_accum")),
+    ),
+    seq_length: int | None = typer.Option(
+        None,
+        "--seq-length",
+        help=_with_default("Tokens per window.", _preset_default("seq_length")),
+    ),
     lr: float | None = typer.Option(
-        None, "--lr", help="Peak learning rate.", rich_help_panel=_SCHEDULE
+        None,
+        "--lr",
+        help=_with_default("Peak learning rate.", _preset_default("lr")),
+        rich_help_panel=_SCHEDULE,
     ),
     warmup: int | None = typer.Option(
-        None, "--warmup", help="Linear warmup steps.", rich_help_panel=_SCHEDULE
+        None,
+        "--warmup",
+        help=_with_default("Linear warmup steps.", _preset_default("warmup")),
+        rich_help_panel=_SCHEDULE,
     ),
     schedule: str | None = typer.Option(
         None,
         "--schedule",
-        help="cosine (to 0) | constant, after warmup.",
+        help=_with_default("cosine (to 0) | constant, after warmup.", _preset_default("schedule")),
         rich_help_panel=_SCHEDULE,
     ),
     decay_steps: int | None = typer.Option(
         None,
         "--decay-steps",
-        help="Step where the cosine reaches 0 (default --steps); set it to train in legs.",
+        help=_with_default("Step where the cosine reaches 0; set it to train in legs.", "--steps"),
         rich_help_panel=_SCHEDULE,
     ),
     weight_decay: float | None = typer.Option(
         None,
         "--weight-decay",
-        help="AdamW decoupled weight decay, on every parameter.",
+        help=_with_default(
+            "AdamW decoupled weight decay, on every parameter.", _preset_default("weight_decay")
+        ),
         rich_help_panel=_SCHEDULE,
     ),
     beta1: float | None = typer.Option(
-        None, "--beta1", help="AdamW beta1.", rich_help_panel=_SCHEDULE
+        None,
+        "--beta1",
+        help=_with_default("AdamW beta1.", _preset_default("beta1")),
+        rich_help_panel=_SCHEDULE,
     ),
     beta2: float | None = typer.Option(
-        None, "--beta2", help="AdamW beta2.", rich_help_panel=_SCHEDULE
+        None,
+        "--beta2",
+        help=_with_default("AdamW beta2.", _preset_default("beta2")),
+        rich_help_panel=_SCHEDULE,
     ),
     adam_eps: float | None = typer.Option(
-        None, "--adam-eps", help="AdamW epsilon.", rich_help_panel=_SCHEDULE
+        None,
+        "--adam-eps",
+        help=_with_default("AdamW epsilon.", _preset_default("adam_eps")),
+        rich_help_panel=_SCHEDULE,
     ),
     grad_clip: float | None = typer.Option(
-        None, "--grad-clip", help="Global gradient-norm clip.", rich_help_panel=_SCHEDULE
+        None,
+        "--grad-clip",
+        help=_with_default("Global gradient-norm clip.", _preset_default("grad_clip")),
+        rich_help_panel=_SCHEDULE,
     ),
     lambda_reg: float | None = typer.Option(
         None,
         "--lambda-reg",
-        help="Weight of the regulariser (default 0.5 bistable, 0.0 monostable).",
+        help=_with_default("Weight of the regulariser.", "0.5 bistable, 0.0 monostable"),
         rich_help_panel=_SCHEDULE,
     ),
     eval_every: int | None = typer.Option(
-        None, "--eval-every", help="Steps between evaluations.", rich_help_panel=_LOOP
+        None,
+        "--eval-every",
+        help=_with_default("Steps between evaluations.", _preset_default("eval_every")),
+        rich_help_panel=_LOOP,
     ),
     eval_batches: int | None = typer.Option(
-        None, "--eval-batches", help="Fixed validation batches.", rich_help_panel=_LOOP
+        None,
+        "--eval-batches",
+        help=_with_default("Fixed validation batches.", _preset_default("eval_batches")),
+        rich_help_panel=_LOOP,
     ),
     save_every: int | None = typer.Option(
-        None, "--save-every", help="Steps between checkpoints.", rich_help_panel=_LOOP
+        None,
+        "--save-every",
+        help=_with_default("Steps between checkpoints.", _preset_default("save_every")),
+        rich_help_panel=_LOOP,
     ),
     keep_last: int | None = typer.Option(
-        None, "--keep-last", help="Rolling checkpoints kept.", rich_help_panel=_LOOP
+        None,
+        "--keep-last",
+        help=_with_default("Rolling checkpoints kept.", _preset_default("keep_last")),
+        rich_help_panel=_LOOP,
     ),
     sample_tokens: int | None = typer.Option(
-        None, "--sample-tokens", help="Sample length at each eval (0: none).", rich_help_panel=_LOOP
+        None,
+        "--sample-tokens",
+        help=_with_default(
+            "Sample length at each eval (0: none).", _preset_default("sample_tokens")
+        ),
+        rich_help_panel=_LOOP,
     ),
     log_every: int | None = typer.Option(
         None,
         "--log-every",
-        help="Steps between train rows in metrics.jsonl.",
+        help=_with_default(
+            "Steps between train rows in metrics.jsonl.", _preset_default("log_every")
+        ),
         rich_help_panel=_LOOP,
     ),
     max_nonfinite: int | None = typer.Option(
         None,
         "--max-nonfinite",
-        help="Stop after this many non-finite steps in a row.",
+        help=_with_default(
+            "Stop after this many non-finite steps in a row.", _preset_default("max_nonfinite")
+        ),
         rich_help_panel=_LOOP,
     ),
     head: str | None = typer.Option(
         None,
         "--head",
-        help="Where the output head's cross-entropy runs: mlx | numpy | auto (numpy on "
-        "MLX's Linux CPU wheel, whose BLAS is slow; same numbers).",
+        help=_with_default(
+            "Where the output head's cross-entropy runs: mlx | numpy | auto (numpy on "
+            "MLX's Linux CPU wheel, whose BLAS is slow; same numbers).",
+            _preset_default("head"),
+        ),
         rich_help_panel=_LOOP,
     ),
     monostable: bool | None = typer.Option(
-        None, "--monostable", help="The ablation control: u is not clamped.", rich_help_panel=_MODEL
+        None,
+        "--monostable/--bistable",
+        help=_with_default("--monostable: the ablation control, u is not clamped.", "bistable"),
+        rich_help_panel=_MODEL,
     ),
     vocab_size: int | None = typer.Option(
-        None, "--vocab-size", help="Vocabulary (cl100k_base: 100277).", rich_help_panel=_MODEL
+        None,
+        "--vocab-size",
+        help=_with_default("Vocabulary (cl100k_base: 100277).", _preset_default("vocab_size")),
+        rich_help_panel=_MODEL,
     ),
     hidden_dim: int | None = typer.Option(
-        None, "--hidden-dim", help="Width d.", rich_help_panel=_MODEL
+        None,
+        "--hidden-dim",
+        help=_with_default("Width d.", _preset_default("hidden_dim")),
+        rich_help_panel=_MODEL,
     ),
-    n_layers: int | None = typer.Option(None, "--n-layers", help="Blocks.", rich_help_panel=_MODEL),
+    n_layers: int | None = typer.Option(
+        None,
+        "--n-layers",
+        help=_with_default("Blocks.", _preset_default("n_layers")),
+        rich_help_panel=_MODEL,
+    ),
     n_oscillators: int | None = typer.Option(
-        None, "--n-oscillators", help="Oscillators per layer.", rich_help_panel=_MODEL
+        None,
+        "--n-oscillators",
+        help=_with_default("Oscillators per layer.", _preset_default("n_oscillators")),
+        rich_help_panel=_MODEL,
     ),
     n_harmonics: int | None = typer.Option(
-        None, "--n-harmonics", help="Harmonics of the readout.", rich_help_panel=_MODEL
+        None,
+        "--n-harmonics",
+        help=_with_default("Harmonics of the readout.", _preset_default("n_harmonics")),
+        rich_help_panel=_MODEL,
     ),
     max_positions: int | None = typer.Option(
-        None, "--max-positions", help="Learned positions (>= --seq-length).", rich_help_panel=_MODEL
+        None,
+        "--max-positions",
+        help=_with_default(
+            "Learned positions (>= --seq-length).", _preset_default("max_positions")
+        ),
+        rich_help_panel=_MODEL,
     ),
     eval_noise: bool | None = typer.Option(
         None,
-        "--eval-noise",
-        help="Draw the phase noise at eval too (as PyTorch did).",
+        "--eval-noise/--no-eval-noise",
+        help=_with_default("Draw the phase noise at eval too (as PyTorch did).", "no"),
         rich_help_panel=_MODEL,
     ),
 ) -> None:
-    """Train a K-SSM; Ctrl+C saves a checkpoint and exits, --resume continues exactly."""
+    """Train a K-SSM; Ctrl+C saves a checkpoint and exits, --resume continues exactly.
+
+    Defaults are the preset's (shown per preset); a resumed run keeps what its checkpoint
+    recorded unless an option is given. --print-config shows the result.
+    """
     given = dict(locals())
     from rich.console import Console
 
@@ -172,6 +302,9 @@ def train(
     console = Console(stderr=True)
     try:
         train_args, model_args = resolve_args(preset, train_overrides, model_overrides, resume_from)
+        if print_config:
+            _print_config(train_args, model_args)
+            return
         run_training(train_args, model_args, resume=resume_from, console=console)
     except (TrainingInputError, DataError, TokenizerUnavailable) as err:
         fail(_one_line(err))
@@ -181,6 +314,15 @@ def train(
     except KeyboardInterrupt:  # before the loop took over Ctrl+C (e.g. while tokenising)
         typer.echo("interrupted", err=True)
         raise typer.Exit(code=130) from None
+
+
+def _print_config(train_args, model_args) -> None:
+    """The resolved configuration, checked as a run would check it; lambda_reg resolved too."""
+    from mlx_kssm.training import check_args, lambda_reg_for
+
+    check_args(train_args, model_args)
+    train = {**train_args.to_dict(), "lambda_reg": lambda_reg_for(train_args, model_args)}
+    typer.echo(json.dumps({"train": train, "model": model_args.to_dict()}, indent=2))
 
 
 def plot(

@@ -265,7 +265,7 @@ class TextStream:
     def add(self, token: int) -> str:
         try:
             piece = self._encoding.decode_single_token_bytes(token)
-        except KeyError:
+        except (KeyError, ValueError, OverflowError):  # unknown, negative or huge ids
             piece = "\ufffd".encode()
         return self._utf8.decode(piece)
 

@@ -83,6 +83,9 @@ def test_intervene_hits_the_forced_r_and_writes_reports(models, tmp_path):
     assert {"U", "distinct_2", "repetition", "length", "kl", "delta_ce"} <= set(forced["metrics"])
     assert "VERDICT" in report.read_text() and "VERDICT" in res.stderr
     assert result["verdict"]["text"].startswith("VERDICT")
+    # The minimum is stated in the verdict line and in the report, and can be set.
+    assert "KL and |dCE| 0.01 nats" in result["verdict"]["text"]
+    assert "`--min-effect`" in report.read_text() and "teacher-forced windows" in res.stderr
 
 
 def test_compare_two_models(models, tmp_path):
@@ -96,6 +99,13 @@ def test_compare_two_models(models, tmp_path):
     assert {t["test"] for t in result["tests"]} == {"welch_t"}
     assert {"U", "distinct_2", "repetition"} <= {t["metric"] for t in result["tests"]}
     assert "Welch" in report.read_text()
+    for t in result["tests"]:  # every difference with its interval and its verdict
+        assert t["outcome"] in {"changed", "below minimum", "not significant", "untestable"}
+        if t["n"] >= 4 and t["ci_low"] is not None:
+            assert t["ci_low"] <= t["effect"] <= t["ci_high"]
+    differ = {t["metric"] for t in result["tests"] if t["outcome"] == "changed"}
+    assert set(result["verdict"]["differ"]) == differ
+    assert "at least 0.05 (length 0.25 tokens)" in result["verdict"]["text"]
 
 
 def test_ablate_compares_existing_runs(tmp_path):
@@ -120,6 +130,9 @@ def bad_inputs(models, tmp_path):
         "force-r below 0": ("intervene", "--model", model, "--force-r", "-0.1"),
         "unknown layer": ("intervene", "--model", model, "--layers", "0,5"),
         "unknown mode": ("intervene", "--model", model, "--mode", "bogus"),
+        "negative minimum": ("intervene", "--model", model, "--min-effect", "-1"),
+        "alpha of 1": ("intervene", "--model", model, "--alpha", "1"),
+        "compare negative minimum": ("compare", model, model, "--min-text-effect", "-0.5"),
         "intervene empty prompts": ("intervene", "--model", model, "--prompts", empty),
         "compare missing model": ("compare", model, tmp_path / "nope"),
         "ablate without data": ("ablate", "--steps", 10),

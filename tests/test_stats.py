@@ -123,3 +123,57 @@ def test_holm_adjustment():
     results = [paired_t([1, 2, 3.5], [1.1, 2.0, 3.0]), paired_t([1.0], [2.0])]
     holm_adjust(results)
     assert results[0].p_holm == pytest.approx(results[0].p) and math.isnan(results[1].p_holm)
+
+
+# ---------------------------------------------------------------------------- effect sizes
+
+
+def test_t_test_confidence_intervals_match_scipy():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=25)
+    b = a + rng.normal(0.2, 0.4, size=25)
+    res = paired_t(a, b)
+    ci = sp.ttest_rel(a, b).confidence_interval(0.95)
+    assert (res.ci_low, res.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-10)
+    assert res.cohen_d == pytest.approx((a - b).mean() / (a - b).std(ddof=1), rel=1e-12)
+
+    x = rng.exponential(0.3, size=12)
+    res = one_sample_t(x, 0.1, "greater")
+    ci = sp.ttest_1samp(x, 0.1).confidence_interval(0.95)  # two-sided, whatever the test
+    # The interval is the effect's, mean - mu, as the effect is.
+    assert (res.ci_low, res.ci_high) == pytest.approx((ci.low - 0.1, ci.high - 0.1), rel=1e-10)
+    assert res.effect == pytest.approx(x.mean() - 0.1)
+
+    c, d = rng.normal(0, 1, 15), rng.normal(0.8, 2, 25)
+    res = welch_t(c, d)
+    ci = sp.ttest_ind(c, d, equal_var=False).confidence_interval(0.95)
+    assert (res.ci_low, res.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-10)
+    pooled = math.sqrt((c.var(ddof=1) + d.var(ddof=1)) / 2)
+    assert res.cohen_d == pytest.approx((c.mean() - d.mean()) / pooled, rel=1e-12)
+
+
+def test_anova_effect_is_eta_squared_and_pearson_has_scipys_interval():
+    groups = [np.array(g) for g in MUSSELS]
+    pooled = np.concatenate(groups)
+    between = sum(g.size * (g.mean() - pooled.mean()) ** 2 for g in groups)
+    eta2 = between / ((pooled - pooled.mean()) ** 2).sum()
+    assert one_way_anova(MUSSELS).effect == pytest.approx(eta2, rel=1e-12) and 0 < eta2 < 1
+
+    rng = np.random.default_rng(4)
+    x = np.repeat([0.1, 0.5, 0.9], 8)
+    y = x + rng.normal(0, 0.3, x.size)
+    res = pearson(x, y)
+    ci = sp.pearsonr(x, y).confidence_interval(0.95)
+    assert (res.ci_low, res.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-10)
+    assert res.ci_low < res.effect < res.ci_high
+
+
+def test_differences_without_spread_have_an_exact_interval():
+    res = paired_t([1.5, 2.5, 3.5], [1.0, 2.0, 3.0])
+    assert res.p == 0.0 and res.ci_low == res.ci_high == 0.5
+    assert res.cohen_d == math.inf
+    none = paired_t([1.0, 2.0], [1.0, 2.0])
+    assert (none.effect, none.ci_low, none.ci_high, none.cohen_d) == (0.0, 0.0, 0.0, 0.0)
+    res = welch_t([2.0, 2.0], [1.5, 1.5, 1.5])
+    assert res.ci_low == res.ci_high == 0.5 and res.cohen_d == math.inf
+    assert math.isnan(paired_t([1.0], [2.0]).ci_low)

@@ -25,10 +25,10 @@ Measurements, per condition
                  each segment is one observation for the statistics (v3 computes every
                  position from its own token, so segments share no computation).
 
-Statistics (alpha = 0.01 by default, Holm-corrected over all tests below)
-    paired t-test against the control, per forced condition, per metric (pairs: prompt x
-    trial, or segment); one-sample t-test of KL > 0; with two or more targets, one-way ANOVA
-    across the forced conditions and Pearson r between target R and each metric.
+Statistics and verdict (verdict.py): every comparison with the control reports its effect with
+a 95% confidence interval; a change is declared only where the effect reaches a stated minimum
+(min_effect nats for KL and |delta CE|, min_text_effect for the text metrics) AND its test passes
+at p < alpha, Holm-corrected; effects are ranked by size, not by p-value.
 """
 
 from __future__ import annotations
@@ -42,11 +42,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .model_api import forward_with_r
 from .sampling import SamplingSettings, generation_samples
-from .stats import TestResult, holm_adjust, nanmean, one_sample_t, one_way_anova, paired_t, pearson
+from .stats import nanmean
+from .verdict import GENERATION_METRICS, build_tests, minimum_effects, verdict
 
 MODES = ("phases", "omega")
-GENERATION_METRICS = ("U", "distinct_1", "distinct_2", "distinct_4", "repetition", "length")
+# (phase, done, total): progress of the long loops, for a display
+Advance = Callable[[str, int, int], None]
 OMEGA_GRID = np.round(np.arange(0.0, 3.0001, 0.05), 2)
 _OMEGA_BISECTION_STEPS = 24
 
@@ -57,6 +60,11 @@ class InterveneSettings(SamplingSettings):
     layers: list[int] | None = None  # None = every layer
     mode: str = "phases"
     alpha: float = 0.01
+    min_effect: float = 0.01  # nats: the smallest mean KL or |delta CE| that counts as a change
+    # The smallest change of a text metric that counts: the metrics are fractions in [0, 1], and
+    # 0.05 is more than one token's worth of distinct-1 in a 32-token text (1/32 = 0.031); for
+    # length, the same fraction of max_tokens.
+    min_text_effect: float = 0.05
     eval_tokens: int = 2048  # teacher-forced tokens at most
     window: int = 256  # teacher-forced forward length (capped by max_positions)
     segment: int = 32  # teacher-forced positions per statistical observation
@@ -68,7 +76,17 @@ class InterveneSettings(SamplingSettings):
             raise ValueError("give at least one target R")
         for r in self.targets:
             check_target(r)
+        for name in ("min_effect", "min_text_effect"):
+            value = getattr(self, name)
+            if not (0.0 <= value < math.inf):  # also rejects NaN
+                flag = name.replace("_", "-")
+                raise ValueError(f"--{flag} must be a number >= 0, got {value}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"--alpha must be in (0, 1), got {self.alpha}")
         super().__post_init__()
+
+    def minimums(self) -> dict[str, float]:
+        return minimum_effects(self.min_effect, self.min_text_effect, self.max_tokens)
 
 
 @dataclass
@@ -190,8 +208,8 @@ def applied(model, cond: Condition, layers: Sequence[int]) -> Iterator[dict | No
 
 
 def _forced_layers_r(model, tokens: mx.array, layers: Sequence[int]) -> float:
-    _, stats = model.forward(tokens, key=mx.random.key(0))  # fixed noise, if any is drawn
-    return float(mx.mean(stats["R"][..., list(layers)]))
+    _, R = forward_with_r(model, tokens, key=mx.random.key(0))  # fixed noise, if any is drawn
+    return float(mx.mean(R[..., list(layers)]))
 
 
 def calibrate_omega_scale(
@@ -238,9 +256,9 @@ def packaged_eval_text() -> Path | None:
 
 
 def _log_probs(model, inputs: mx.array, force_r, key: mx.array) -> tuple[mx.array, mx.array]:
-    logits, stats = model.forward(inputs, key=key, force_r=force_r)
+    logits, R = forward_with_r(model, inputs, key=key, force_r=force_r)
     logits = logits[0].astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True), stats["R"][0]
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True), R[0]
 
 
 def _segment_means(values: mx.array, segment: int) -> list[float]:
@@ -250,7 +268,12 @@ def _segment_means(values: mx.array, segment: int) -> list[float]:
 
 
 def measure_teacher_forced(
-    model, conditions: Sequence[Condition], layers: Sequence[int], windows, segment: int
+    model,
+    conditions: Sequence[Condition],
+    layers: Sequence[int],
+    windows,
+    segment: int,
+    advance: Advance | None = None,
 ) -> None:
     """Per segment: CE and KL(free || forced) of every condition; the forced layers' R.
 
@@ -277,6 +300,8 @@ def measure_teacher_forced(
             cond.r_count += R.size
             if not cond.is_control:
                 cond.r_max_error = max(cond.r_max_error, float(mx.max(mx.abs(R - cond.target_r))))
+        if advance:
+            advance("teacher-forced windows", index + 1, len(windows))
 
 
 def measure_generations(
@@ -286,14 +311,22 @@ def measure_generations(
     prompts: Sequence[Sequence[int]],
     settings: InterveneSettings,
     stop_tokens: Sequence[int] = (),
-    progress: Callable[[str], None] | None = None,
+    advance: Advance | None = None,
 ) -> None:
     """Generate every prompt x trial in every condition with the same seeds; fill samples."""
+    done, total = 0, len(conditions) * len(prompts)
+
+    def one_prompt_done() -> None:
+        nonlocal done
+        done += 1
+        if advance:
+            advance("generations (prompts x conditions)", done, total)
+
     for cond in conditions:
-        if progress:
-            progress(f"generating: {cond.name}")
         with applied(model, cond, layers) as force_r:
-            cond.samples = generation_samples(model, prompts, settings, force_r, stop_tokens)
+            cond.samples = generation_samples(
+                model, prompts, settings, force_r, stop_tokens, one_prompt_done
+            )
         for sample in cond.samples:
             forced = [sample["R_layers"][i] for i in layers] if sample["R_layers"] else []
             sample["metrics"]["R_forced"] = nanmean(forced)
@@ -301,78 +334,6 @@ def measure_generations(
     for cond in conditions:
         for sample, ref in zip(cond.samples, control.samples, strict=True):
             sample["identical"] = sample["tokens"] == ref["tokens"]
-
-
-# ---------------------------------------------------------------------------- statistics
-
-
-def build_tests(conditions: Sequence[Condition]) -> list[TestResult]:
-    """Every test of the experiment, Holm-adjusted as one family."""
-    control, forced = conditions[0], [c for c in conditions if not c.is_control]
-    tests: list[TestResult] = []
-    for cond in forced:
-        for m in (*GENERATION_METRICS, "ce"):
-            tests.append(paired_t(cond.metric(m), control.metric(m), m, cond.name))
-        tests.append(one_sample_t(cond.kl, 0.0, "greater", "kl", cond.name))
-    if len({c.target_r for c in forced}) >= 2:
-        for m in (*GENERATION_METRICS, "ce"):
-            tests.append(one_way_anova([c.metric(m) for c in forced], m))
-        for m in (*GENERATION_METRICS, "ce", "kl"):
-            x = [c.target_r for c in forced for _ in c.metric(m)]
-            y = [v for c in forced for v in c.metric(m)]
-            tests.append(pearson(x, y, m))
-    holm_adjust(tests)
-    return tests
-
-
-def describe_test(t: TestResult) -> str:
-    what = {
-        "paired_t": "paired t vs control",
-        "one_sample_t": "KL > 0",
-        "anova": "ANOVA",
-        "pearson": "Pearson r(target R, metric)",
-    }[t.test]
-    where = f" at {t.condition}" if t.condition else ""
-    effect = "" if math.isnan(t.effect) else f", effect {t.effect:+.4g}"
-    return f"{t.metric} ({what}{where}): p_holm = {t.p_holm:.3g}{effect}"
-
-
-def verdict(tests: Sequence[TestResult], conditions: Sequence[Condition], alpha: float) -> dict:
-    """Whether forcing R changed the output at p < alpha (Holm-corrected), said plainly."""
-    family = [t for t in tests if not math.isnan(t.p_holm)]
-    significant = sorted((t for t in family if t.p_holm < alpha), key=lambda t: t.p_holm)
-    gen_sig = [t for t in significant if t.metric in GENERATION_METRICS]
-    tf_sig = [t for t in significant if t.metric in ("ce", "kl")]
-    forced = [c for c in conditions if not c.is_control]
-    identical = nanmean([s["identical"] for c in forced for s in c.samples])
-    tail = (
-        f" Generated text was identical to the control in {identical:.0%} of forced samples; "
-        f"largest mean teacher-forced KL {max(nanmean(c.kl) for c in forced):.3g} nats."
-    )
-    if significant:
-        text = (
-            f"VERDICT: forcing R CHANGED the output at p < {alpha} (Holm-corrected): "
-            f"{len(significant)} of {len(family)} tests significant "
-            f"(generated-text metrics: {len(gen_sig)}, teacher-forced: {len(tf_sig)}). "
-            f"Strongest: {describe_test(significant[0])}." + tail
-        )
-    elif family:
-        best = min(family, key=lambda t: t.p_holm)
-        text = (
-            f"VERDICT: NO effect of forcing R on the output at p < {alpha} (Holm-corrected): "
-            f"0 of {len(family)} tests significant; smallest: {describe_test(best)}." + tail
-        )
-    else:
-        text = "VERDICT: no test could be computed (too few observations)." + tail
-    return {
-        "alpha": alpha,
-        "changed": bool(significant),
-        "changed_generation": bool(gen_sig),
-        "changed_teacher_forced": bool(tf_sig),
-        "n_tests": len(family),
-        "n_significant": len(significant),
-        "text": text,
-    }
 
 
 # ---------------------------------------------------------------------------- driver
@@ -397,10 +358,14 @@ def run_intervention(
     settings: InterveneSettings,
     stop_tokens: Sequence[int] = (),
     progress: Callable[[str], None] | None = None,
+    advance: Advance | None = None,
 ) -> dict:
-    """Run the whole experiment; returns a JSON-ready result (see module docstring)."""
-    layers = settings.layers if settings.layers is not None else list(range(len(model.blocks)))
-    window = min(settings.window, model.args.max_positions)
+    """Run the whole experiment; returns a JSON-ready result (see module docstring).
+
+    ``progress(message)`` announces each phase; ``advance(phase, done, total)`` reports the
+    progress of the teacher-forced pass and of the generations."""
+    layers = settings.layers if settings.layers is not None else list(range(model.n_banks))
+    window = min(settings.window, model.max_positions or settings.window)
     windows = eval_windows(eval_tokens, window, settings.eval_tokens)
     if not windows:
         raise ValueError("the evaluation text has fewer than 2 tokens")
@@ -409,10 +374,13 @@ def run_intervention(
     conditions = make_conditions(model, settings, layers, mx.array([windows[0][:-1]]))
     if progress:
         progress(f"teacher-forced: {len(windows)} windows of up to {window} tokens")
-    measure_teacher_forced(model, conditions, layers, windows, settings.segment)
-    measure_generations(model, conditions, layers, prompts, settings, stop_tokens, progress)
+    measure_teacher_forced(model, conditions, layers, windows, settings.segment, advance)
+    if progress:
+        progress(f"generating: {len(prompts)} prompts x {settings.trials} trials per condition")
+    measure_generations(model, conditions, layers, prompts, settings, stop_tokens, advance)
     tests = build_tests(conditions)
     control = conditions[0]
+    decision = verdict(tests, conditions, settings.alpha, settings.minimums())  # sets outcomes
     return {
         "experiment": "intervene",
         "settings": {
@@ -425,5 +393,5 @@ def run_intervention(
         },
         "conditions": [c.to_dict(control) for c in conditions],
         "tests": [t.to_dict() for t in tests],
-        "verdict": verdict(tests, conditions, settings.alpha),
+        "verdict": decision,
     }

@@ -1,43 +1,21 @@
 """Reports of the experiments: markdown for papers, rich tables for the terminal, strict JSON.
 
-Every function here takes the JSON-ready result of run_intervention / run_comparison /
-compare_runs and only formats it; nothing is computed twice.
+Every function here takes the JSON-ready result of run_comparison / compare_runs and only
+formats it; nothing is computed twice. The intervention's report is in report_intervene.py.
+Files are written to a temporary name and renamed, so a report is never half-written.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..jsonl import strict_json
-from .intervene import GENERATION_METRICS
-from .observables import GOLDILOCKS_R, GOLDILOCKS_U, REPETITION_WINDOW
-
-# (metric key, column header) of the per-condition table.
-CONDITION_COLUMNS = (
-    ("R_forced", "R gen"),
-    ("U", "U"),
-    ("distinct_1", "dist-1"),
-    ("distinct_2", "dist-2"),
-    ("distinct_4", "dist-4"),
-    ("repetition", f"rep/{REPETITION_WINDOW}"),
-    ("length", "length"),
-    ("identical_to_control", "same text"),
-    ("goldilocks", "Goldilocks"),
-    ("ce", "CE"),
-    ("delta_ce", "ΔCE"),
-    ("kl", "KL"),
-)
-TEST_NAMES = {
-    "paired_t": "paired t",
-    "welch_t": "Welch t",
-    "one_sample_t": "one-sample t (KL > 0)",
-    "anova": "one-way ANOVA",
-    "pearson": "Pearson r",
-}
-
+from .stats import CI_LEVEL
 
 # ---------------------------------------------------------------------------- formatting
 
@@ -59,6 +37,14 @@ def fmt_p(p) -> str:
     return "<1e-16" if p < 1e-16 else f"{p:.3g}"
 
 
+def fmt_ci(t: dict, digits: int = 3) -> str:
+    """A test's confidence interval, 'low .. high' (a dash where there is none)."""
+    low = t.get("ci_low")
+    if low is None or (isinstance(low, float) and math.isnan(low)):
+        return "–"
+    return f"{fmt(low, digits)}..{fmt(t['ci_high'], digits)}"
+
+
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     def line(cells) -> str:
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
@@ -67,11 +53,31 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_json(path: str | Path, result: dict) -> Path:
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, then rename it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(strict_json(result), indent=2, allow_nan=False) + "\n")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; look like open()'s
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path: str | Path, result: dict) -> Path:
+    text = json.dumps(strict_json(result), indent=2, allow_nan=False) + "\n"
+    return write_text_atomic(path, text)
 
 
 def attach_text(result: dict, decode: Callable[[list[int]], str], prompts: Sequence[str]) -> None:
@@ -92,174 +98,30 @@ def samples_section(result: dict, groups: Sequence[dict], key: str, header: str)
     return heading + md_table([header, "text"], rows)
 
 
-# ---------------------------------------------------------------------------- intervene
-
-
-def condition_rows(result: dict) -> tuple[list[str], list[list[str]]]:
-    headers = ["condition", "target R", "ω scale", "measured R", "max |R−target|"]
-    headers += [h for _, h in CONDITION_COLUMNS]
-    rows = []
-    for c in result["conditions"]:
-        m = c["metrics"]
-        row = [
-            c["name"],
-            fmt(c["target_r"]),
-            fmt(c["omega_scale"]),
-            fmt(c["measured_r"]),
-            fmt(c["r_max_abs_error"], 2),
-        ]
-        rows.append(row + [fmt(m[k]) for k, _ in CONDITION_COLUMNS])
-    return headers, rows
-
-
-def significance_matrix(result: dict) -> tuple[list[str], list[list[str]]]:
-    """Metric x test: the Holm-corrected p of each test (Pearson with its r)."""
-    forced = [c["name"] for c in result["conditions"] if c["target_r"] is not None]
-    headers = ["metric", "ANOVA p", "Pearson r (p)"] + [f"{name} vs control p" for name in forced]
-    rows = []
-    for metric in (*GENERATION_METRICS, "ce", "kl"):
-        tests = [t for t in result["tests"] if t["metric"] == metric]
-        anova = next((t for t in tests if t["test"] == "anova"), None)
-        r = next((t for t in tests if t["test"] == "pearson"), None)
-        by_cond = {t["condition"]: t for t in tests if t["condition"]}
-        row = [
-            metric,
-            fmt_p(anova["p_holm"]) if anova else "–",
-            f"{fmt(r['effect'], 3)} ({fmt_p(r['p_holm'])})" if r else "–",
-        ]
-        row += [fmt_p(by_cond[n]["p_holm"]) if n in by_cond else "–" for n in forced]
-        rows.append(row)
-    return headers, rows
-
-
-def all_tests_rows(result: dict) -> tuple[list[str], list[list[str]]]:
-    headers = ["test", "metric", "condition", "statistic", "effect", "n", "p", "p (Holm)", "note"]
-    rows = [
-        [
-            TEST_NAMES[t["test"]],
-            t["metric"],
-            t["condition"] or "–",
-            fmt(t["statistic"]),
-            fmt(t["effect"]),
-            str(t["n"]),
-            fmt_p(t["p"]),
-            fmt_p(t["p_holm"]),
-            t["note"],
-        ]
-        for t in result["tests"]
-    ]
-    return headers, rows
-
-
-def _seed_range(s: dict) -> str:
+def seed_range(s: dict) -> str:
     """Generation (prompt p, trial t) uses seed + p * trials + t."""
     return f"{s['seed']}..{s['seed'] + s['n_prompts'] * s['trials'] - 1}"
-
-
-def _settings_lines(result: dict, model: str) -> list[str]:
-    s = result["settings"]
-    seeds = _seed_range(s)
-    return [
-        f"- model: `{model}`",
-        f"- mode: `{s['mode']}`; forced layers: {', '.join(map(str, s['layers']))}; "
-        f"target R: {', '.join(f'{r:g}' for r in s['targets'])}",
-        f"- generations: {s['n_prompts']} prompts × {s['trials']} trials (seeds {seeds}, the "
-        f"same in every condition), temperature {s['temp']}, top-k {s['top_k'] or 'off'}, "
-        f"top-p {s['top_p'] if s['top_p'] < 1 else 'off'}, at most {s['max_tokens']} tokens",
-        f"- teacher-forced: {s['n_windows']} windows of up to {s['window']} tokens"
-        + (f" of {result['eval_source']}" if result.get("eval_source") else "")
-        + f"; {s['n_segments']} segments of {s['segment']} positions are the tests' units",
-        f"- significance: p < {s['alpha']}, Holm-corrected over all {len(result['tests'])} tests",
-    ]
-
-
-def intervene_markdown(result: dict, model: str = "") -> str:
-    parts = ["# Forcing the Kuramoto order parameter R: does the output change?\n"]
-    parts.append("\n".join(_settings_lines(result, model)) + "\n")
-    parts.append(f"## Verdict\n\n**{result['verdict']['text']}**\n")
-    parts.append("## Conditions\n\n" + md_table(*condition_rows(result)))
-    parts.append("## Tests (Holm-corrected p)\n\n" + md_table(*significance_matrix(result)))
-    parts.append(samples_section(result, result["conditions"], "name", "condition"))
-    parts.append(INTERVENE_DEFINITIONS)
-    parts.append("## All tests\n\n" + md_table(*all_tests_rows(result)))
-    return "\n".join(parts)
-
-
-INTERVENE_DEFINITIONS = f"""## Definitions
-
-- **measured R**: mean R of the forced layers over every teacher-forced position;
-  **max |R−target|** its largest deviation at any position. **R gen**: the same over generated steps.
-- **U**: entropy of the next-token distribution / log V (temperature 1), mean over generated steps.
-- **dist-n**: distinct n-grams / n-grams of one generation; **rep/{REPETITION_WINDOW}**: fraction of
-  tokens already present among the previous {REPETITION_WINDOW}; **length**: tokens before
-  end-of-text; **same text**: fraction of generations identical to the control's (same seed).
-- **CE**: teacher-forced cross-entropy (nats/token); **ΔCE** = CE − CE(control);
-  **KL**: KL(p_free ‖ p_forced) per position (nats); both averaged per segment of positions.
-- Paired t-tests pair each generation (prompt × trial) or segment with the control's; the
-  one-way ANOVA and Pearson r use the forced conditions only. Samples whose metric is undefined
-  (a text too short for a 4-gram) are left out of that metric's tests.
-- **Goldilocks**: fraction of generated steps in the zone of Phase-Mamba, R (mean over layers) in [{GOLDILOCKS_R[0]}, {GOLDILOCKS_R[1]}] and U in
-  [{GOLDILOCKS_U[0]}, {GOLDILOCKS_U[1]}].
-
-Published reference: the PyTorch K-SSM v3 gave identical text at R 0.24, 0.35 and 0.96; in
-Phase-Mamba, ANOVA p = 0.44 across forced R 0.1–0.9.
-"""
-
-
-def transposed(headers: Sequence[str], rows: Sequence[Sequence[str]]):
-    """Quantities as rows, conditions as columns: fits a terminal for a handful of conditions."""
-    return [""] + [row[0] for row in rows], [
-        [h] + [row[i] for row in rows] for i, h in enumerate(headers) if i
-    ]
-
-
-def significance_summary(result: dict) -> tuple[list[str], list[list[str]]]:
-    """Per metric: ANOVA, Pearson, and the smallest paired p with its condition (terminal)."""
-    headers = ["metric", "ANOVA p", "Pearson r", "Pearson p", "min paired p", "at"]
-    rows = []
-    for metric in (*GENERATION_METRICS, "ce", "kl"):
-        tests = {
-            t["test"]: t for t in result["tests"] if t["metric"] == metric and not t["condition"]
-        }
-        paired = [t for t in result["tests"] if t["metric"] == metric and t["condition"]]
-        best = min(
-            paired, key=lambda t: t["p_holm"] if t["p_holm"] == t["p_holm"] else 2.0, default=None
-        )
-        anova, r = tests.get("anova"), tests.get("pearson")
-        rows.append(
-            [
-                metric,
-                fmt_p(anova["p_holm"]) if anova else "–",
-                fmt(r["effect"], 3) if r else "–",
-                fmt_p(r["p_holm"]) if r else "–",
-                fmt_p(best["p_holm"]) if best else "–",
-                best["condition"] if best else "–",
-            ]
-        )
-    return headers, rows
-
-
-def print_intervene(result: dict, console) -> None:
-    console.print(_rich_table("Conditions", *transposed(*condition_rows(result))))
-    console.print(_rich_table("Tests (Holm-corrected p)", *significance_summary(result)))
-    console.print(f"[bold]{result['verdict']['text']}[/]")
 
 
 # ---------------------------------------------------------------------------- compare
 
 
 def compare_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per metric, the largest difference (relative to its minimum) first."""
     (a, b) = result["models"]
-    headers = ["metric", a["label"], b["label"], "difference", "t", "p", "p (Holm)"]
+    headers = ["metric", a["label"], b["label"], "difference", f"{CI_LEVEL:.0%} CI"]
+    headers += ["Cohen's d", "minimum", "p (Holm)", "outcome"]
     rows = [
         [
             t["metric"],
             fmt(a["metrics"][t["metric"]]),
             fmt(b["metrics"][t["metric"]]),
             fmt(t["effect"]),
-            fmt(t["statistic"]),
-            fmt_p(t["p"]),
+            fmt_ci(t),
+            fmt(t["cohen_d"], 3),
+            fmt(t["min_effect"], 3),
             fmt_p(t["p_holm"]),
+            t["outcome"],
         ]
         for t in result["tests"]
     ]
@@ -272,8 +134,10 @@ def compare_markdown(result: dict) -> str:
     return (
         "# Model comparison (Phase-Mamba baseline protocol)\n\n"
         f"{models}\n- {s['n_prompts']} prompts × {s['trials']} trials on each model (seeds "
-        f"{_seed_range(s)}, the same on both), temperature {s['temp']}, at most "
-        f"{s['max_tokens']} tokens; two-sample Welch t-tests, Holm-corrected.\n\n"
+        f"{seed_range(s)}, the same on both), temperature {s['temp']}, at most "
+        f"{s['max_tokens']} tokens; two-sample Welch t-tests, Holm-corrected; a metric differs "
+        f"where the difference reaches its minimum (`--min-text-effect` {s['min_text_effect']:g}; "
+        f"length: that fraction of the token budget) and p (Holm) < {s['alpha']}.\n\n"
         f"**{result['verdict']['text']}**\n\n"
         + md_table(*compare_rows(result))
         + "\n"
@@ -282,8 +146,8 @@ def compare_markdown(result: dict) -> str:
 
 
 def print_compare(result: dict, console) -> None:
-    console.print(_rich_table("Model comparison", *compare_rows(result)))
-    console.print(f"[bold]{result['verdict']['text']}[/]")
+    console.print(rich_table("Model comparison", *compare_rows(result)))
+    console.print(result["verdict"]["text"], style="bold", markup=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------- ablate
@@ -331,18 +195,20 @@ def ablation_markdown(result: dict) -> str:
 
 
 def print_ablation(result: dict, console) -> None:
-    console.print(_rich_table("Ablation (last evaluation)", *ablation_rows(result)))
+    console.print(rich_table("Ablation (last evaluation)", *ablation_rows(result)))
 
 
 # ---------------------------------------------------------------------------- terminal
 
 
-def _rich_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]):
+def rich_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]):
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title, show_lines=False)
+    # Light borders: the tables must fit an 80-column terminal.
+    table = Table(title=title, show_lines=False, box=box.SIMPLE_HEAD, pad_edge=False)
     for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i == 0 else "right")
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
     for row in rows:
         table.add_row(*row)
     return table

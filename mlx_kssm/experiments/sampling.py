@@ -7,12 +7,13 @@ the same random numbers (paired samples), while different prompts and trials dra
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..generate import Sampler, generate, make_sampler
+from ..generate import Sampler, make_sampler
+from .model_api import generate_rows
 from .observables import generation_metrics
 
 # Used by `kssm intervene` and `kssm compare` when no --prompts file is given: short openings
@@ -52,12 +53,15 @@ def generation_samples(
     settings: SamplingSettings,
     force_r: dict[int, float] | None = None,
     stop_tokens: Sequence[int] = (),
+    on_prompt: Callable[[], None] | None = None,
 ) -> list[dict]:
-    """One record per prompt x trial: tokens, finish reason, per-layer mean R and the metrics."""
+    """One record per prompt x trial: tokens, finish reason, per-layer mean R and the metrics.
+
+    ``on_prompt()`` is called after each prompt's trials (for a progress display)."""
     sampler = settings.sampler()
     records = []
     for p, prompt in enumerate(prompts):
-        gens = generate(
+        gens = generate_rows(
             model,
             prompt,
             sampler,
@@ -79,4 +83,6 @@ def generation_samples(
                     "metrics": generation_metrics(gen),
                 }
             )
+        if on_prompt is not None:
+            on_prompt()
     return records
