@@ -317,11 +317,15 @@ def train(
 
 
 def _print_config(train_args, model_args) -> None:
-    """The resolved configuration, checked as a run would check it; lambda_reg resolved too."""
-    from mlx_kssm.training import check_args, lambda_reg_for
+    """The resolved configuration, checked as a run would check it; lambda_reg resolved too
+    (the model's default auxiliary weight when not given)."""
+    from mlx_kssm.models import build_model
+    from mlx_kssm.schedule import aux_weight_for
+    from mlx_kssm.training import check_args
 
     check_args(train_args, model_args)
-    train = {**train_args.to_dict(), "lambda_reg": lambda_reg_for(train_args, model_args)}
+    weight = aux_weight_for(train_args, build_model(model_args))  # lazy arrays: nothing computed
+    train = {**train_args.to_dict(), "lambda_reg": weight}
     typer.echo(json.dumps({"train": train, "model": model_args.to_dict()}, indent=2))
 
 
