@@ -123,3 +123,21 @@ class PositionCache:
     @property
     def meta_state(self) -> str:
         return str(self.offset)
+
+
+class RecurrentCache:
+    """One layer's recurrent state for incremental decoding: a list of arrays (None until the
+    first call), e.g. [conv window, SSM state]. ``state`` is what mlx-lm evaluates."""
+
+    def __init__(self, size: int):
+        self.arrays: list[mx.array | None] = [None] * size
+
+    def __getitem__(self, i: int) -> mx.array | None:
+        return self.arrays[i]
+
+    def __setitem__(self, i: int, value: mx.array) -> None:
+        self.arrays[i] = value
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [a for a in self.arrays if a is not None]
