@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from ..models.base import ConfigError
-from ..models.phase_mamba import ModelArgs, args_for_base, read_base_config
+from ..models.phase_base import read_base_config
+from ..models.phase_mamba import ModelArgs, args_for_base
 from .torch_zip import CheckpointError, TensorRef
 
 CORE_STATE = "phase_core_state"

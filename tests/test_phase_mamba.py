@@ -24,8 +24,9 @@ from mlx_kssm.checkpoints_convert import phase_mamba_rules as rules
 from mlx_kssm.checkpoints_convert.convert import convert_training_state
 from mlx_kssm.checkpoints_convert.torch_zip import CheckpointError, read_checkpoint
 from mlx_kssm.models.base import ConfigError
+from mlx_kssm.models.phase_base import load_base, random_base
 from mlx_kssm.models.phase_core import CoreArgs, PhaseCore
-from mlx_kssm.models.phase_mamba import args_for_base, load_base, random_base
+from mlx_kssm.models.phase_mamba import args_for_base
 from mlx_kssm.steps import MLXSteps, loss_terms
 
 FIXTURE = FIXTURES / "torch-phase-core"

@@ -2,12 +2,10 @@
 (spec: docs/phase-mamba-spec.md; the original hooks layer 32 of Mamba-2.8B).
 
 The base. Any Mamba that mlx-lm loads (``mamba``, ``falcon_mamba``, ``mamba2``) from a local
-folder (``config.json`` + ``model*.safetensors``, e.g. what ``mlx_lm.convert --hf-path
-state-spaces/mamba-2.8b-hf`` writes), read with ``mlx_lm.utils.load_model`` (no tokenizer
-needed here). Its config.json and the headers and samples of its weight files give a
-fingerprint, recorded in our config when the model is first built, so that a different base
-behind the same path is refused. With ``base_path`` null the base is a random Mamba drawn from
-``random_base_*`` (tests, and the contract test's tiny config).
+folder (phase_base.py). Its config.json and the headers and samples of its weight files give a
+fingerprint, recorded in our config when the model is first built (with the absolute path), so
+that a different base behind the same path is refused. With ``base_path`` null the base is a
+random Mamba drawn from ``random_base_*`` (tests, and the contract test's tiny config).
 
 The base is frozen and kept out of this model's parameters (it sits under ``_base``, a name
 ``parameters()`` skips): ``trainable_parameters()``, the optimizer and the saved
@@ -23,10 +21,6 @@ core reports) that the coupled layers read and fill; stats are returned, not sto
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +30,9 @@ from mlx import nn
 
 from ..observables import GOLDILOCKS_R, GOLDILOCKS_U, normalized_entropy
 from .base import BaseModelArgs, ConfigError, bounded
+from .phase_base import base_fingerprint, load_base, random_base, read_base_config
 from .phase_core import COUPLINGS, DYNAMICS, CoreArgs, PhaseCore
 
-SUPPORTED_BASES = ("mamba", "falcon_mamba", "mamba2")
 CORE_NAMES = ("omega", "phases", "to_phases.weight", "to_phases.bias")
 CORE_NAMES += ("to_modulation.weight", "to_modulation.bias")
 
@@ -110,102 +104,6 @@ class ModelArgs(BaseModelArgs):
 
 # A phase_mamba needs a base; presets name only the core's settings.
 PRESETS: dict[str, dict[str, Any]] = {"published": {}}
-
-
-# ---------------------------------------------------------------------------- the base
-
-_CONFIG_LIMIT = 1 << 20
-_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16  # fingerprint: 16 x 64 KiB of each weight file's data
-
-
-def base_fingerprint(folder: str | Path) -> str:
-    """sha256 over the base's config.json, and per weight file its name, size, safetensors
-    header and 16 evenly spaced 64 KiB samples of its data: cheap for a 5 GB model, and a
-    retrained base (same shapes, other values) changes it."""
-    folder = Path(folder)
-    digest = hashlib.sha256(_read_config_bytes(folder))
-    for path in sorted(folder.glob("model*.safetensors")):
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
-            digest.update(f.read(min(header_len, _CONFIG_LIMIT * 100)))
-            start = 8 + header_len
-            span = max(size - start - _SAMPLE_BYTES, 0)
-            for k in range(_SAMPLES):
-                f.seek(start + span * k // max(_SAMPLES - 1, 1))
-                digest.update(f.read(_SAMPLE_BYTES))
-    return "sha256:" + digest.hexdigest()
-
-
-def _read_config_bytes(folder: Path) -> bytes:
-    path = folder / "config.json"
-    if not path.is_file():
-        what = "does not exist" if not folder.exists() else "has no config.json"
-        raise ConfigError(
-            f"base_path {folder} {what}; give a folder mlx-lm can load (config.json + "
-            "model.safetensors, e.g. written by mlx_lm.convert)"
-        )
-    if path.stat().st_size > _CONFIG_LIMIT:
-        raise ConfigError(f"{path} is over {_CONFIG_LIMIT} bytes; not a model config")
-    return path.read_bytes()
-
-
-def read_base_config(folder: str | Path) -> dict[str, Any]:
-    """The base's config.json, checked to describe a Mamba mlx-lm can build."""
-    folder = Path(folder)
-    try:
-        config = json.loads(_read_config_bytes(folder))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"cannot read {folder / 'config.json'}: {err}") from None
-    if not isinstance(config, dict) or config.get("model_type") not in SUPPORTED_BASES:
-        found = config.get("model_type") if isinstance(config, dict) else None
-        raise ConfigError(
-            f"the base in {folder} is a {found!r} model; phase_mamba hooks a Mamba "
-            f"({', '.join(SUPPORTED_BASES)})"
-        )
-    if not list(folder.glob("model*.safetensors")):
-        raise ConfigError(f"the base in {folder} has no model*.safetensors weights")
-    return config
-
-
-def load_base(folder: str | Path) -> nn.Module:
-    """The mlx-lm model in ``folder`` (weights mapped lazily), frozen."""
-    from mlx_lm.utils import load_model
-
-    read_base_config(folder)
-    try:
-        base, _ = load_model(Path(folder), lazy=True)
-    except (ValueError, KeyError, TypeError, OSError) as err:
-        text = " ".join(str(err).split())[:200]
-        raise ConfigError(f"mlx-lm cannot load the base in {folder}: {text}") from None
-    return base.freeze()
-
-
-def random_base(vocab_size: int, hidden: int, layers: int, seed: int) -> nn.Module:
-    """A random mlx-lm Mamba, the same for the same arguments. The global random stream is
-    reseeded afterwards from a number drawn from it first, so it stays deterministic."""
-    from mlx_lm.models import mamba
-
-    args = mamba.ModelArgs(
-        model_type="mamba",
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        state_size=16,
-        num_hidden_layers=layers,
-        conv_kernel=4,
-        use_bias=False,
-        use_conv_bias=True,
-        time_step_rank=math.ceil(hidden / 16),
-        tie_word_embeddings=True,
-    )
-    resume = int(mx.random.randint(0, 1 << 30, ()).item())
-    mx.random.seed(seed)
-    base = mamba.Model(args)
-    mx.eval(base.parameters())
-    mx.random.seed(resume)
-    return base.freeze()
 
 
 def args_for_base(base_path: str | Path, **fields) -> ModelArgs:
