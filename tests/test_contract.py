@@ -23,6 +23,7 @@ from mlx_kssm.training import run_training
 VOCAB = 97
 TINY = {
     "kssm_v3": dict(hidden_dim=32, n_layers=2, n_oscillators=16, n_harmonics=4, max_positions=64),
+    "phase_mamba": dict(random_base_hidden=32, coupling="additive", dynamics="per_token"),
 }
 ARCHS = sorted(MODEL_TYPES)
 
