@@ -84,7 +84,10 @@ def load(path: str | os.PathLike, strict: bool = True):
     """Load a model (in eval mode) from a model folder or a run folder."""
     folder = resolve_model_folder(path)
     args = read_config(folder)
-    model = build_model(args)
+    try:
+        model = build_model(args)
+    except ConfigError as err:  # e.g. a Phase-Mamba whose base is missing or changed
+        raise ModelFolderError(f"{folder}: {err}") from None
     try:
         weights = model.sanitize(mx.load(str(folder / WEIGHTS_NAME)))
         model.load_weights(list(weights.items()), strict=strict)

@@ -23,6 +23,7 @@ import mlx_kssm
 from mlx_kssm.checkpoints_convert import phase_mamba_rules as rules
 from mlx_kssm.checkpoints_convert.convert import convert_training_state
 from mlx_kssm.checkpoints_convert.torch_zip import CheckpointError, read_checkpoint
+from mlx_kssm.io import ModelFolderError
 from mlx_kssm.models.base import ConfigError
 from mlx_kssm.models.phase_base import load_base, random_base
 from mlx_kssm.models.phase_core import CoreArgs, PhaseCore
@@ -312,8 +313,8 @@ def test_a_different_base_behind_the_path_is_refused(base_dir, tmp_path):
     folder = mlx_kssm.save(build(other), tmp_path / "pm")
     mlx_kssm.load(folder)  # same base: fine
     write_base(other, random_base(VOCAB, HIDDEN, LAYERS, seed=2))  # same shapes, new values
-    with pytest.raises(ConfigError, match="not the one this core was built on") as err:
-        mlx_kssm.load(folder)
+    with pytest.raises(ModelFolderError, match="not the one this core was built on") as err:
+        mlx_kssm.load(folder)  # the loader's own error type: the CLI turns it into exit 2
     assert "\n" not in str(err.value)
 
 
