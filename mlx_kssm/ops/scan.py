@@ -129,7 +129,7 @@ def _after(state: mx.array, output: mx.array) -> mx.array:
     feed one wide stack, would run last and keep every step's state alive until then: the
     whole (B, L, D, N) sequence in memory. Ordering each output before the next step lets
     every state be freed as soon as the next one exists (forward peak, B=1, L=4096, D=64, N=16:
-    5 MiB instead of 19 MiB, no measured change in time).
+    5.7 MiB instead of 19.8 MiB, no measured change in time).
     """
     return mx.depends(state, output)
 
@@ -162,16 +162,20 @@ def selective_scan(
        in parallel, and h_start(c + 1) = exp(S_T) * h_start(c) + e(c). Tensors (B, T, D, N).
 
     Every exponent is delta * A <= 0, so decays only underflow to 0 and never overflow (any
-    delta >= 0, any A <= 0). The full (B, L, D, N) tensor is never built: the largest live
-    tensors are (B, n, D, N) and (B, T, D, N), i.e. 4 B max(n, T) D N bytes each, about
-    4 B sqrt(L) D N at the default T (B=4, L=256, D=128, N=16: 0.5 MiB). Autodiff still keeps
-    the per-step tensors of both passes for the backward pass, a few B L D N floats in total,
-    as the sequential loop does.
+    delta >= 0, any A <= 0).
+
+    Memory. No (B, L, D, N) tensor is built: each per-step tensor is (B, n, D, N) or
+    (B, T, D, N), 4 B max(n, T) D N bytes, about 4 B sqrt(L) D N at the default T (B=4, L=256,
+    D=128, N=16: 0.5 MiB, against 8 MiB for the whole sequence). MLX's lazy evaluator runs
+    ahead by a dozen or so such tensors, so the measured forward peak above the inputs is
+    ~16 of them: 8.5 MiB at that shape (the sequential loop: 8.2), 5.7 MiB at B=1, L=4096,
+    D=64 (whole: 16 MiB). Autodiff keeps the per-step tensors of both passes for the backward
+    pass, a few B L D N floats in total, as any differentiated loop does.
 
     The textbook alternative within a chunk, y_t = sum_{s<=t} C_t . exp(S_t - S_s) deltaB_u_s
     with a causal mask, needs a (B, T, T, D, N) tensor here because Mamba-1's A differs per
-    (channel, state) pair; measured 4-7x slower than the plain loop on CPU
-    (benchmarks/bench_scan.py), so it is not used.
+    (channel, state) pair; it measured 3-10x slower than the plain loop on this CPU
+    (benchmarks/RESULTS.md, "Selective scan"), so it is not used.
     """
     _check_scan_shapes(x, delta, A, B_, C, D_skip, h0)
     batch, length, channels = x.shape
