@@ -177,7 +177,7 @@ def selective_scan(
 
     The textbook alternative within a chunk, y_t = sum_{s<=t} C_t . exp(S_t - S_s) deltaB_u_s
     with a causal mask, needs a (B, T, T, D, N) tensor here because Mamba-1's A differs per
-    (channel, state) pair; it measured 3-10x slower than the plain loop on this CPU
+    (channel, state) pair; it took 2.8-10x the plain loop's time on a 2-core x86 CPU
     (benchmarks/RESULTS.md, "Selective scan"), so it is not used.
     """
     _check_scan_shapes(x, delta, A, B_, C, D_skip, h0)
