@@ -12,11 +12,16 @@ import mlx.core as mx
 
 from . import forcing as _forcing
 from . import oscillator as _oscillator
+from . import scan as _scan
 from .dispatch import implementation, kernels_enabled
 from .oscillator import harmonic_features_direct
+from .scan import default_chunk_size, selective_scan_sequential
 
 __all__ = [
     "add_phase_noise",
+    "causal_conv1d",
+    "causal_conv1d_step",
+    "default_chunk_size",
     "force_order_parameter",
     "harmonic_features",
     "harmonic_features_direct",
@@ -25,6 +30,9 @@ __all__ = [
     "kuramoto_step",
     "order_parameter",
     "oscillator_features",
+    "selective_scan",
+    "selective_scan_sequential",
+    "selective_scan_step",
 ]
 
 
@@ -64,3 +72,54 @@ def oscillator_features(
 def force_order_parameter(theta: mx.array, target: float | mx.array) -> mx.array:
     """Move phases (..., N) along a continuous path until their R equals ``target``."""
     return implementation("force_order_parameter", _forcing.force_order_parameter)(theta, target)
+
+
+def selective_scan(
+    x: mx.array,
+    delta: mx.array,
+    A: mx.array,
+    B_: mx.array,
+    C: mx.array,
+    D_skip: mx.array,
+    h0: mx.array | None = None,
+    chunk_size: int | None = None,
+) -> tuple[mx.array, mx.array]:
+    """Selective scan over a sequence, chunked (see .scan): -> y (B, L, D), final h (B, D, N)."""
+    fn = implementation("selective_scan", _scan.selective_scan)
+    return fn(x, delta, A, B_, C, D_skip, h0, chunk_size)
+
+
+def selective_scan_step(
+    x_t: mx.array,
+    delta_t: mx.array,
+    A: mx.array,
+    B_t: mx.array,
+    C_t: mx.array,
+    D_skip: mx.array,
+    h: mx.array | None,
+) -> tuple[mx.array, mx.array]:
+    """One token of the selective scan with a carried state: -> y_t (B, D), h (B, D, N)."""
+    fn = implementation("selective_scan_step", _scan.selective_scan_step)
+    return fn(x_t, delta_t, A, B_t, C_t, D_skip, h)
+
+
+def causal_conv1d(
+    x: mx.array,
+    weight: mx.array,
+    bias: mx.array | None = None,
+    conv_state: mx.array | None = None,
+) -> tuple[mx.array, mx.array]:
+    """Depthwise causal conv, weight (K, D): -> y (B, L, D), conv state (B, K-1, D)."""
+    fn = implementation("causal_conv1d", _scan.causal_conv1d)
+    return fn(x, weight, bias, conv_state)
+
+
+def causal_conv1d_step(
+    x_t: mx.array,
+    conv_state: mx.array,
+    weight: mx.array,
+    bias: mx.array | None = None,
+) -> tuple[mx.array, mx.array]:
+    """One token of the causal conv: -> y_t (B, D), conv state (B, K-1, D)."""
+    fn = implementation("causal_conv1d_step", _scan.causal_conv1d_step)
+    return fn(x_t, conv_state, weight, bias)
