@@ -24,6 +24,9 @@ VOCAB = 97
 TINY = {
     "kssm_v3": dict(hidden_dim=32, n_layers=2, n_oscillators=16, n_harmonics=4, max_positions=64),
     "phase_mamba": dict(random_base_hidden=32, coupling="additive", dynamics="per_token"),
+    "kssm_ssm": dict(
+        hidden_dim=32, n_layers=2, n_oscillators=16, n_harmonics=4, state_size=8, chunk_size=4
+    ),
 }
 ARCHS = sorted(MODEL_TYPES)
 

@@ -17,6 +17,7 @@ from .base import BaseModelArgs, ConfigError
 # config.json holds: the config is user input.
 MODEL_TYPES: dict[str, str] = {
     "kssm_v3": "kssm_v3",
+    "kssm_ssm": "kssm_ssm",
     "phase_mamba": "phase_mamba",
 }
 

@@ -35,6 +35,8 @@ class OscillatorArgs:
     u_max: float = 10.0
     train_noise: bool = True  # draw the phase noise in training mode (as PyTorch)
     eval_noise: bool = False  # also draw it in eval mode / generation (PyTorch always did)
+    phase_drive: bool = False  # each oscillator's phase also driven by a learned w_k . h
+    #                            (not in K-SSM v3, whose every oscillator gets the same shift)
 
     @property
     def n_features(self) -> int:
@@ -46,7 +48,8 @@ class BistableKuramotoBank(nn.Module):
     """One bank: hidden state -> (u, K) -> one Kuramoto step -> harmonic readout -> (B, L, d).
 
     Spec steps: p = to_params(h) (10 numbers); det = b g - c f; u = (d g - c h) / (a g - c e);
-    u clamped when bistable; K = 2 sigmoid(u); theta = Kuramoto step from omega_0 + mean_d(h);
+    u clamped when bistable; K = 2 sigmoid(u); theta = Kuramoto step from omega_0 + mean_d(h)
+    (+ drive(h), one learned phase per oscillator, with ``phase_drive``; off in K-SSM v3);
     noise; features [Re Z_n, Im Z_n, |Z_n|]; out = readout(features).
 
     Parameter names follow the PyTorch state_dict (``omega_0``, ``delta_param``,
@@ -63,6 +66,10 @@ class BistableKuramotoBank(nn.Module):
         self.to_params.weight = _orthogonal((10, hidden_dim))
         self.to_params.bias = mx.full((10,), 0.5)
         self.readout = nn.Linear(args.n_features, hidden_dim)
+        if args.phase_drive:
+            # N(0, 1) rad per oscillator at init for unit-variance inputs: R depends on h.
+            self.drive = nn.Linear(hidden_dim, args.n_oscillators, bias=False)
+            self.drive.weight = mx.random.normal(self.drive.weight.shape) / math.sqrt(hidden_dim)
 
     def reduced_variable(self, h: mx.array) -> tuple[mx.array, mx.array]:
         """Spec steps 1-3: the determinant and the (clamped) reduced variable u, each (B, L)."""
@@ -87,6 +94,8 @@ class BistableKuramotoBank(nn.Module):
         """
         det, u = self.reduced_variable(h)
         shift = mx.mean(h, axis=-1, keepdims=True)  # (B, L, 1)
+        if self.args.phase_drive:
+            shift = shift + self.drive(h)  # (B, L, N)
         coupling = 2 * mx.sigmoid(u)[..., None]  # K, (B, L, 1)
         eps = None
         if self.draws_noise():
