@@ -53,6 +53,7 @@ STORAGE_CLASS = {
     "int32": "IntStorage",
     "uint8": "ByteStorage",
     "bool": "BoolStorage",
+    "untyped": "UntypedStorage",  # bytes; the tensor names its dtype (_rebuild_tensor_v3)
 }
 
 
@@ -63,6 +64,8 @@ class Storage:
     location: str = "cpu"
 
     def raw(self) -> np.ndarray:
+        if self.dtype == "untyped":
+            return self.values.astype(np.uint8)
         if self.dtype == "bfloat16":
             return (self.values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
         return self.values.astype(self.dtype)
@@ -74,10 +77,14 @@ class Tensor:
     offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
+    v3_dtype: str | None = None  # torch >= 2.1 writes uint16, float8, ... over untyped bytes
 
     def __reduce__(self):
         hooks = collections.OrderedDict()
         args = (self.storage, self.offset, self.shape, self.stride, False, hooks)
+        if self.v3_dtype is not None:
+            args += (Global("torch", self.v3_dtype),)
+            return (Global("torch._utils", "_rebuild_tensor_v3"), args)
         return (Global("torch._utils", "_rebuild_tensor_v2"), args)
 
 
@@ -108,6 +115,17 @@ def tensor(values, dtype: str = "float32", location: str = "cpu") -> Tensor:
     shape = values.shape
     stride = tuple(int(s) for s in np.cumprod((1,) + shape[:0:-1])[::-1]) if shape else ()
     return Tensor(Storage(values.reshape(-1), dtype, location), 0, shape, stride)
+
+
+def v3_tensor(raw: np.ndarray, torch_dtype: str) -> Tensor:
+    """A tensor of a dtype torch pickles with _rebuild_tensor_v3 (uint16, float8_e4m3fn, ...):
+    ``raw`` holds its elements (little-endian), in a numpy type of the same width."""
+    shape = raw.shape
+    stride = tuple(int(s) for s in np.cumprod((1,) + shape[:0:-1])[::-1]) if shape else ()
+    data = np.frombuffer(
+        np.ascontiguousarray(raw).astype(raw.dtype.newbyteorder("<")).tobytes(), np.uint8
+    )
+    return Tensor(Storage(data, "untyped"), 0, shape, stride, torch_dtype)
 
 
 def bf16_round_trip(values) -> np.ndarray:
@@ -149,7 +167,8 @@ def write_checkpoint(
     byteorder: str = "little",
     compress: bool = False,
 ) -> Path:
-    """torch.save(obj, path), as far as the layout of the file goes."""
+    """torch.save(obj, path), as far as the layout of the file goes (``byteorder="big"`` swaps
+    typed storages only, not the untyped bytes of v3 tensors)."""
     data, storages = pickle_checkpoint(obj)
     members = {"data.pkl": data, "byteorder": byteorder.encode()}
     for key, storage in storages.items():
