@@ -160,8 +160,8 @@ class _Archive:
         self.file = open_regular(path)
         self.file_size = os.fstat(self.file.fileno()).st_size
         _check_is_zip(self.file, path)
+        check_directory_size(self.file, self.file_size, path)
         try:
-            check_directory_size(self.file, self.file_size, path)
             self.zip = zipfile.ZipFile(self.file)
             infos = self.zip.infolist()
         except _ZIP_ERRORS as err:

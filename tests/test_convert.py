@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -594,3 +595,111 @@ def test_hostile_file_in_a_real_process(tmp_path):
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
     assert "builtins.eval" in proc.stderr
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+# -- the output folder: written aside, renamed in, nothing lost --------------------------------
+
+
+def appearing_out(monkeypatch, out: Path, **files):
+    """Make ``out`` appear (with ``files``) while the conversion writes its temporary folder."""
+    import mlx_kssm.checkpoints_convert.convert as module
+
+    real = module.write_model_files
+
+    def write_and_race(model, folder, dtype=None):
+        real(model, folder, dtype=dtype)
+        out.mkdir(exist_ok=True)
+        for name, text in files.items():
+            (out / name).write_text(text)
+
+    monkeypatch.setattr(module, "write_model_files", write_and_race)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_folder_appearing_at_out_during_conversion_is_kept(tmp_path, monkeypatch, force):
+    src = write_checkpoint(tmp_path / "s.pt", state_dict(source_weights()))
+    out = tmp_path / "out"
+    appearing_out(monkeypatch, out, **{"notes.txt": "mine"})
+    result = run_cli(src, out, *(["--force"] if force else []))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1
+    assert ("--force" if force else "left untouched") in result.stderr
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"notes.txt": "mine"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s.pt"]  # no temporaries
+
+
+def test_an_empty_out_filled_during_conversion_is_kept(tmp_path, monkeypatch):
+    src = write_checkpoint(tmp_path / "s.pt", state_dict(source_weights()))
+    out = tmp_path / "out"
+    out.mkdir()
+    appearing_out(monkeypatch, out, **{"draft.md": "keep"})
+    with pytest.raises(CheckpointError, match="created or filled by something else"):
+        convert(src, out)
+    assert (out / "draft.md").read_text() == "keep"
+
+
+def test_a_conversion_killed_mid_write_is_cleaned_up_by_the_next(tmp_path):
+    """kill -9 while the temporary folder holds the weights; the next conversion removes it."""
+    src = write_checkpoint(tmp_path / "s.pt", training_checkpoint(source_weights()))
+    out = tmp_path / "out"
+    script = (
+        "import sys, time\n"
+        "import mlx_kssm.checkpoints_convert.convert as c\n"
+        "real = c.write_model_files\n"
+        "def stall(model, folder, dtype=None):\n"
+        "    real(model, folder, dtype=dtype)\n"
+        "    print(folder, flush=True)\n"
+        "    time.sleep(120)\n"
+        "c.write_model_files = stall\n"
+        f"c.convert({str(src)!r}, {str(out)!r})\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    leftover = Path(child.stdout.readline().strip())
+    child.kill()  # SIGKILL: no cleanup handler runs
+    child.wait(timeout=60)
+    assert (leftover / "model.safetensors").is_file() and leftover.name.startswith(".out.tmp-")
+    report = convert(src, out)
+    assert report.training_state and not leftover.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s.pt"]
+
+
+def test_a_symlinked_out_is_replaced_through_its_link(tmp_path):
+    src = write_checkpoint(tmp_path / "s.pt", state_dict(source_weights()))
+    real = tmp_path / "disk" / "model"
+    convert(src, real)
+    link = tmp_path / "out"
+    link.symlink_to(real)
+    convert(src, link, monostable=True, force=True)
+    assert link.is_symlink() and json.loads((real / "config.json").read_text())["bistable"] is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "out", "s.pt"]
+    assert sorted(p.name for p in real.parent.iterdir()) == ["model"]  # no .model.old-PID
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="symbolic link to a folder that does not exist"):
+        convert(src, dangling)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_fifo_source_is_refused_without_waiting(tmp_path):
+    fifo = tmp_path / "s.pt"
+    os.mkfifo(fifo)
+    code = "from mlx_kssm.cli.app import main; main()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "convert", str(fifo), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "is a FIFO, not a checkpoint file" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_param_groups_that_repeat_one_long_list_are_refused_cheaply(tmp_path):
+    """15,000 groups sharing one list of 15,000 indices: 225M values once expanded."""
+    ckpt = training_checkpoint(source_weights())
+    group = ckpt["optimizer_state"]["param_groups"][0]
+    indices = list(range(15_000))
+    ckpt["optimizer_state"]["param_groups"] = [{**group, "params": indices}] * 15_000
+    src = write_checkpoint(tmp_path / "s.pt", ckpt)
+    with pytest.raises(CheckpointError, match="more than 4,000,000 values"):
+        convert(src, tmp_path / "out")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,3 +194,103 @@ def write_archive(
 def write_pickle_archive(path: Path, pickle_bytes: bytes) -> Path:
     """A torch-shaped archive whose data.pkl is exactly ``pickle_bytes`` (hostile tests)."""
     return write_archive(path, {"data.pkl": pickle_bytes, "byteorder": b"little"})
+
+
+# -- hostile pickles, written opcode by opcode (for the bounds tests) --------------------------
+
+PROTO2 = b"\x80\x02"
+
+
+def _binput(index: int) -> bytes:
+    return b"q" + bytes([index]) if index < 256 else b"r" + index.to_bytes(4, "little")
+
+
+def _binget(index: int) -> bytes:
+    return b"h" + bytes([index]) if index < 256 else b"j" + index.to_bytes(4, "little")
+
+
+def deep_tuple_key(depth: int) -> bytes:
+    """{((((),),),...): 1}: hashing the key recursed ``depth`` deep in C (a crash at 200,000)."""
+    return PROTO2 + b"}" + b")" + b"\x85" * depth + b"K\x01s."
+
+
+def deep_dict(depth: int) -> bytes:
+    """{"a": {"a": ...}} the way pickle writes one-item dicts (SETITEM, no marks)."""
+    return PROTO2 + b"}X\x01\x00\x00\x00a" * depth + b"}" + b"s" * depth + b"."
+
+
+def deep_marked_lists(depth: int) -> bytes:
+    """[[[...]]] built with MARK ... LIST: the marks nest ``depth`` deep."""
+    return PROTO2 + b"(" * depth + b"]" + b"l" * depth + b"."
+
+
+def memo_far_ahead(index: int = 2**27, text: bool = False) -> bytes:
+    """A memo entry stored at ``index`` first: the C unpickler sized its memo array by it."""
+    put = f"p{index}\n".encode() if text else b"r" + index.to_bytes(4, "little")
+    return PROTO2 + b"]" + put + b"."
+
+
+def doubling_tuples(levels: int = 40) -> bytes:
+    """t = (t, t), ``levels`` times, as a dict key: 2**levels values to hash from ~100 bytes."""
+    return PROTO2 + b"})" + b"2\x86" * levels + b"K\x01s."
+
+
+def late_doubling_lists(levels: int = 40) -> bytes:
+    """Lists L0..Ln made empty first, then L_i.append(L_i+1) twice: the same 2**levels blow-up,
+    but each list is filled after it was placed in another (what a scan of the opcodes misses)."""
+    out = [PROTO2]
+    for i in range(levels + 1):
+        out.append(b"]" + _binput(i) + b"0")
+    for i in range(levels):
+        out.append(_binget(i) + _binget(i + 1) + b"a" + _binget(i + 1) + b"a0")
+    out.append(_binget(0) + b".")
+    return b"".join(out)
+
+
+def late_deep_chain(depth: int = 300) -> bytes:
+    """[[[...]]] ``depth`` deep, each list filled after it was nested (no marks, no scan depth)."""
+    out = [PROTO2]
+    for i in range(depth + 1):
+        out.append(b"]" + _binput(i) + b"0")
+    for i in range(depth):
+        out.append(_binget(i) + _binget(i + 1) + b"a0")
+    out.append(_binget(0) + b".")
+    return b"".join(out)
+
+
+def self_containing_list() -> bytes:
+    """L = []; L.append(L)."""
+    return PROTO2 + b"]q\x00h\x00a."
+
+
+def many_operations(n: int) -> bytes:
+    """``n`` pairs of NONE, POP: a small file of many operations."""
+    return PROTO2 + b"N0" * n + b"N."
+
+
+def huge_integer(n_bytes: int) -> bytes:
+    return PROTO2 + b"\x8b" + n_bytes.to_bytes(4, "little") + b"\x01" * n_bytes + b"."
+
+
+# -- zip surgery ------------------------------------------------------------------------------
+
+
+def patch_central_entry(data: bytes, name: str, **fields: int) -> bytes:
+    """Rewrite fields of ``name``'s central directory entry: flags, method, offset, size."""
+    offsets = {"flags": (8, "<H"), "method": (10, "<H"), "size": (24, "<I"), "offset": (42, "<I")}
+    out = bytearray(data)
+    at = out.find(b"PK\x01\x02")
+    while at >= 0:
+        name_len = int.from_bytes(out[at + 28 : at + 30], "little")
+        if out[at + 46 : at + 46 + name_len] == name.encode():
+            for field_name, value in fields.items():
+                pos, fmt = offsets[field_name]
+                struct.pack_into(fmt, out, at + pos, value)
+            return bytes(out)
+        at = out.find(b"PK\x01\x02", at + 46)
+    raise KeyError(name)
+
+
+def local_header_offset(data: bytes, name: str) -> int:
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return zf.getinfo(name).header_offset
