@@ -39,6 +39,7 @@ ITEMSIZES = {
     "F64": 8,
 }
 MAX_DIMS = 64
+_MAX_INT = 2**63  # no size or offset of a real file reaches this
 _WIDTH = 60  # how much of a file-supplied value an error message shows
 
 
@@ -54,10 +55,11 @@ def _read_header(path: Path, max_header_bytes: int) -> tuple[bytes, int]:
         fd = os.open(path, flags)
     except OSError as err:
         raise ValueError(f"cannot read {path}: {err.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ValueError(f"{path} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{path} is not a regular file")
         if info.st_size < 8:
             raise ValueError(f"{path} is truncated ({info.st_size} bytes, no header)")
         (length,) = struct.unpack("<Q", f.read(8))
@@ -121,13 +123,13 @@ def _entry(path: Path, name: str, entry, data_length: int):
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_DIMS
-        or not all(type(n) is int and n >= 0 for n in shape)
+        or not all(type(n) is int and 0 <= n < _MAX_INT for n in shape)
     ):
         raise ValueError(f"{where} has a bad shape {_short(shape)} (non-negative integers)")
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
-        and all(type(n) is int and n >= 0 for n in offsets)
+        and all(type(n) is int and 0 <= n < _MAX_INT for n in offsets)
     ):
         raise ValueError(f"{where} has bad data_offsets {_short(offsets)}")
     begin, end = offsets
