@@ -245,6 +245,17 @@ def model_weights(model_state: dict[str, Any], source: Path) -> dict[str, Tensor
             f"{source}: unsupported dtype {dtype} for tensor {_name(name)}{more}; K-SSM "
             "weights are float16, bfloat16, float32 or float64"
         )
+    stored = {ref.storage.key: ref.storage.numel for ref in refs.values()}
+    total = sum(ref.size for ref in refs.values())
+    if total > sum(stored.values()):
+        # Each parameter of a state dict has its own storage; views of one storage repeated
+        # over many parameters would make the model (and the memory it takes) far larger
+        # than the file.
+        raise CheckpointError(
+            f"{source}: the weights hold {total:,} values but the file stores "
+            f"{sum(stored.values()):,}: tensors view the same data over and over; refusing "
+            "to build a model larger than its file"
+        )
     head, embed = model_state.get(OUTPUT_HEAD), refs.get("embed.weight")
     if head is not None and embed is not None and not _tied(head, embed):
         raise CheckpointError(

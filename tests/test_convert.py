@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -21,6 +22,8 @@ from mlx.utils import tree_flatten
 from torch_zip_writer import (
     Global,
     Reduce,
+    Storage,
+    Tensor,
     pickle_checkpoint,
     tensor,
     torch_order,
@@ -36,6 +39,7 @@ from mlx_kssm.checkpoint import is_training_checkpoint, load_trainer_state
 from mlx_kssm.checkpoints_convert.convert import convert
 from mlx_kssm.checkpoints_convert.torch_zip import CheckpointError
 from mlx_kssm.checkpoints_convert.training_state import jsonable
+from mlx_kssm.checkpoints_convert.v3_rules import parameter_shapes
 from mlx_kssm.cli.app import app
 
 
@@ -702,4 +706,22 @@ def test_param_groups_that_repeat_one_long_list_are_refused_cheaply(tmp_path):
     ckpt["optimizer_state"]["param_groups"] = [{**group, "params": indices}] * 15_000
     src = write_checkpoint(tmp_path / "s.pt", ckpt)
     with pytest.raises(CheckpointError, match="more than 4,000,000 values"):
+        convert(src, tmp_path / "out")
+
+
+def one_storage_state(n_layers: int) -> dict:
+    """Every weight a view of the same small storage: a file of kilobytes for a model of
+    ``n_layers`` layers."""
+    shapes = parameter_shapes(tiny_args(n_layers=n_layers))
+    base = Storage(np.zeros(max(math.prod(s) for s in shapes.values()), np.float32))
+    strides = {s: tuple(math.prod(s[i + 1 :]) for i in range(len(s))) for s in shapes.values()}
+    return {name: Tensor(base, 0, s, strides[s]) for name, s in shapes.items()}
+
+
+def test_weights_viewing_one_storage_over_and_over_are_refused(tmp_path):
+    state = one_storage_state(400)
+    src = write_checkpoint(tmp_path / "s.pt", state)
+    model_bytes = 4 * sum(math.prod(t.shape) for t in state.values())
+    assert model_bytes > 10 * src.stat().st_size  # what building the model would have cost
+    with pytest.raises(CheckpointError, match="tensors view the same data over and over"):
         convert(src, tmp_path / "out")
