@@ -33,6 +33,7 @@ from .pickle_guard import PickleLimitError, check_structure, clip, describe, sca
 from .torch_types import TORCH_DTYPES, RestrictedUnpickler, Sealed, StorageType, TorchDtype
 from .zip_guard import (
     check_directory_size,
+    check_is_zip,
     check_members,
     common_folder,
     open_regular,
@@ -41,13 +42,10 @@ from .zip_guard import (
 
 __all__ = ["CheckpointError", "ForbiddenGlobalError", "TensorRef", "read_checkpoint"]
 
-LEGACY_HINT = "re-save it with torch >= 1.6: torch.save(torch.load(old), new)"
 MAX_PICKLE_BYTES = 64 << 20  # data.pkl holds no tensor data: a long history is a few MB
 MAX_DIMS = 64  # torch's own limit on a tensor's number of dimensions
 _MAX_INDEX = 1 << 62  # sizes, offsets and strides beyond this are not a real tensor
 
-# torch's legacy (pre-1.6) format begins with a pickled magic number, protocol 2 long.
-_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header, 30 bytes
 _CRC_CHUNK = 1 << 24
 # What zipfile raises on a damaged archive (a bad header, a bad CRC, a method it lacks, ...).
@@ -147,9 +145,12 @@ def read_checkpoint(path: str | Path) -> Any:
     Raises CheckpointError (ForbiddenGlobalError for a refused global) with a one-line message.
     The returned tensors keep the archive open until they are garbage-collected.
     """
-    path = Path(path)
-    archive = _Archive(path)
-    return archive.load()
+    archive = _Archive(Path(path))
+    try:
+        return archive.load()
+    except BaseException:
+        archive.file.close()  # (on success the tensors keep it open)
+        raise
 
 
 class _Archive:
@@ -158,8 +159,23 @@ class _Archive:
     def __init__(self, path: Path):
         self.path = path
         self.file = open_regular(path)
+        try:
+            self._open(path)
+        except BaseException:
+            self.file.close()
+            raise
+        self._map: np.memmap | None = None
+        self._storages: dict[str, Storage] = {}
+        self._verified: set[str] = set()
+
+    def __del__(self):
+        file = getattr(self, "file", None)
+        if file is not None:
+            file.close()  # (a memory map keeps its own handle)
+
+    def _open(self, path: Path) -> None:
         self.file_size = os.fstat(self.file.fileno()).st_size
-        _check_is_zip(self.file, path)
+        check_is_zip(self.file, path)
         check_directory_size(self.file, self.file_size, path)
         try:
             self.zip = zipfile.ZipFile(self.file)
@@ -170,9 +186,6 @@ class _Archive:
         self.members = check_members(infos, path, self.file_size)
         self.prefix = self._find_prefix()
         self.byteorder = self._read_byteorder()
-        self._map: np.memmap | None = None
-        self._storages: dict[str, Storage] = {}
-        self._verified: set[str] = set()
 
     def _find_prefix(self) -> str:
         pickles = [n for n in self.members if n.endswith("/data.pkl") and n.count("/") == 1]
@@ -380,16 +393,3 @@ def _index_tuple(value: Any) -> tuple[int, ...] | None:
     if not isinstance(value, tuple) or len(value) > MAX_DIMS or not all(map(_is_index, value)):
         return None
     return value
-
-
-def _check_is_zip(file: io.BufferedReader, path: Path) -> None:
-    """Tell an empty file, the legacy format and plain garbage apart, before zipfile does."""
-    head = file.read(len(_LEGACY_MAGIC))
-    if not head:
-        raise CheckpointError(f"{path} is empty")
-    if head.startswith(_LEGACY_MAGIC):
-        raise CheckpointError(
-            f"{path}: legacy (pre-1.6, non-zip) torch format is not supported; {LEGACY_HINT}"
-        )
-    if not head.startswith(b"PK"):
-        raise CheckpointError(f"{path}: not a torch checkpoint (not a zip archive)")

@@ -23,6 +23,9 @@ from pathlib import Path
 from .errors import CheckpointError
 from .pickle_guard import clip
 
+LEGACY_HINT = "re-save it with torch >= 1.6: torch.save(torch.load(old), new)"
+# torch's legacy (pre-1.6) format begins with a pickled magic number, protocol 2 long.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 MAX_MEMBERS = 100_000  # a 1,000-layer model with its optimizer moments has ~45,000 storages
 MAX_DIRECTORY_BYTES = 16 << 20  # the central directory zipfile parses into objects
 MAX_DEFLATE_RATIO = 1032  # the most deflate can expand (258 bytes from 2 bits, per block)
@@ -59,6 +62,19 @@ def open_regular(path: Path) -> io.BufferedReader:
     if hasattr(os, "set_blocking"):
         os.set_blocking(fd, True)  # no effect on a regular file; restored for tidiness
     return os.fdopen(fd, "rb")
+
+
+def check_is_zip(file: io.BufferedReader, path: Path) -> None:
+    """Tell an empty file, the legacy format and plain garbage apart, before zipfile does."""
+    head = file.read(len(_LEGACY_MAGIC))
+    if not head:
+        raise CheckpointError(f"{path} is empty")
+    if head.startswith(_LEGACY_MAGIC):
+        raise CheckpointError(
+            f"{path}: legacy (pre-1.6, non-zip) torch format is not supported; {LEGACY_HINT}"
+        )
+    if not head.startswith(b"PK"):
+        raise CheckpointError(f"{path}: not a torch checkpoint (not a zip archive)")
 
 
 def check_directory_size(f: io.BufferedReader, size: int, path: Path) -> None:

@@ -170,6 +170,7 @@ def test_a_writer_killed_mid_write_is_cleaned_up_by_the_next(tmp_path):
     leftover = child.stdout.readline().strip()
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)
+    child.stdout.close()
     assert os.path.isdir(leftover) and leftover.startswith(str(tmp_path / ".out.tmp-"))
     tmp = temporary_folder(tmp_path / "out")
     assert not os.path.exists(leftover)

@@ -661,6 +661,7 @@ def test_a_conversion_killed_mid_write_is_cleaned_up_by_the_next(tmp_path):
     leftover = Path(child.stdout.readline().strip())
     child.kill()  # SIGKILL: no cleanup handler runs
     child.wait(timeout=60)
+    child.stdout.close()
     assert (leftover / "model.safetensors").is_file() and leftover.name.startswith(".out.tmp-")
     report = convert(src, out)
     assert report.training_state and not leftover.exists()
