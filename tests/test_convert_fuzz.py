@@ -46,6 +46,8 @@ from torch_zip_writer import (
     tensor,
     write_checkpoint,
     write_pickle_archive,
+    write_raw_zip,
+    zeros_deflated,
 )
 
 SEED = 20240611
@@ -101,15 +103,9 @@ def rezip(path: Path, members: dict[str, bytes]) -> Path:
 
 
 def deflate_bomb(path: Path, name: str, megabytes: int, others: dict[str, bytes]) -> Path:
-    """A member of ``megabytes`` zeros, deflated to ~1/1000 of that, streamed (never in memory)."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        with zf.open(zipfile.ZipInfo(name), "w", force_zip64=True) as member:
-            zeros = bytes(1 << 20)
-            for _ in range(megabytes):
-                member.write(zeros)
-        for other, data in others.items():
-            zf.writestr(other, data)
-    return path
+    """A member of ``megabytes`` zeros, deflated to ~1/1000 of that, beside stored ``others``."""
+    stream, crc = zeros_deflated(megabytes)
+    return write_raw_zip(path, {name: (stream, crc, megabytes << 20), **others})
 
 
 def build_corpus(root: Path) -> list[dict]:
@@ -208,9 +204,12 @@ def build_corpus(root: Path) -> list[dict]:
     directory[struct_at : struct_at + 4] = (200 << 20).to_bytes(4, "little")
     raw("200 MB zip directory", bytes(directory))
     rest = {k: v for k, v in archive.items() if k != "archive/data.pkl"}
-    add("600 MB data.pkl deflated", deflate_bomb(root / "bomb.pt", "archive/data.pkl", 600, rest))
+    bomb = deflate_bomb(root / "bomb.pt", "archive/data.pkl", 600, rest)
+    assert bomb.stat().st_size < 2 << 20  # 600 MB in about 600 KB
+    add("600 MB data.pkl deflated", bomb)
     storages = {k: v for k, v in archive.items() if k != "archive/data/0"}
     add("300 MB storage deflated", deflate_bomb(root / "sbomb.pt", "archive/data/0", 300, storages))
+    assert (root / "sbomb.pt").stat().st_size < 2 << 20
     for label, order in [("byteorder bomb", b"little" * 50_000), ("byteorder garbage", b"middle")]:
         add(label, rezip(root / f"o{len(files)}.pt", {**archive, "archive/byteorder": order}))
     liar = rezip(root / "liar.pt", {**archive, "archive/byteorder": b"big"})

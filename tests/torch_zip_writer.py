@@ -13,6 +13,7 @@ import io
 import pickle
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,3 +295,38 @@ def patch_central_entry(data: bytes, name: str, **fields: int) -> bytes:
 def local_header_offset(data: bytes, name: str) -> int:
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         return zf.getinfo(name).header_offset
+
+
+def zeros_deflated(megabytes: int) -> tuple[bytes, int]:
+    """``megabytes`` MB of zeros as a raw deflate stream (about 1 KB per MB) and their CRC-32.
+
+    After a full flush a deflate block does not refer back, so one compressed megabyte can be
+    repeated: building a 600 MB bomb takes milliseconds instead of compressing 600 MB.
+    """
+    zeros = bytes(1 << 20)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    for _ in range(megabytes):
+        crc = zlib.crc32(zeros, crc)
+    return block * megabytes + deflate.flush(), crc
+
+
+def write_raw_zip(path: Path, members: dict[str, bytes | tuple[bytes, int, int]]) -> Path:
+    """A zip written field by field: a value is stored bytes, or (deflate stream, CRC-32,
+    uncompressed size) for a member whose compressed form is already made."""
+    local, central = bytearray(), bytearray()
+    for name, value in members.items():
+        if isinstance(value, tuple):
+            payload, crc, size, method = *value, zipfile.ZIP_DEFLATED
+        else:
+            payload, crc, size, method = value, zlib.crc32(value), len(value), zipfile.ZIP_STORED
+        raw_name, offset = name.encode(), len(local)
+        common = (20, 0, method, 0, 33, crc, len(payload), size, len(raw_name))
+        local += struct.pack("<4s5H3I2H", b"PK\x03\x04", *common, 0) + raw_name + payload
+        central += struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 20, *common, 0, 0, 0, 0, 0, offset)
+        central += raw_name
+    n = len(members)
+    end = struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, n, n, len(central), len(local), 0)
+    path.write_bytes(bytes(local + central + end))
+    return path
