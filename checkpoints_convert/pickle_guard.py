@@ -121,7 +121,9 @@ def scan_pickle(data: bytes) -> int:
             count += 1
             if count > MAX_OPCODES:
                 raise PickleLimitError(
-                    f"data.pkl holds more than {MAX_OPCODES:,} pickle operations"
+                    f"data.pkl holds more than {MAX_OPCODES:,} pickle operations (a real "
+                    "checkpoint needs that many only for a very long history: re-save it "
+                    "without)"
                 )
             kind = kinds[code]
             if kind == ATOM:
