@@ -17,9 +17,8 @@ checkpoint is never held in memory twice.
 
 from __future__ import annotations
 
-import collections
 import io
-import pickle
+import os
 import struct
 import zipfile
 import zlib
@@ -29,10 +28,24 @@ from typing import Any
 
 import numpy as np
 
-LEGACY_HINT = "re-save it with torch >= 1.6: torch.save(torch.load(old), new)"
+from .errors import CheckpointError, ForbiddenGlobalError
+from .pickle_guard import PickleLimitError, check_structure, clip, describe, scan_pickle
+from .torch_types import TORCH_DTYPES, RestrictedUnpickler, Sealed, StorageType, TorchDtype
+from .zip_guard import (
+    check_directory_size,
+    check_is_zip,
+    check_members,
+    common_folder,
+    open_regular,
+    read_small_member,
+)
 
-# torch's legacy (pre-1.6) format begins with a pickled magic number, protocol 2 long.
-_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+__all__ = ["CheckpointError", "ForbiddenGlobalError", "TensorRef", "read_checkpoint"]
+
+MAX_PICKLE_BYTES = 64 << 20  # data.pkl holds no tensor data: a long history is a few MB
+MAX_DIMS = 64  # torch's own limit on a tensor's number of dimensions
+_MAX_INDEX = 1 << 62  # sizes, offsets and strides beyond this are not a real tensor
+
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header, 30 bytes
 _CRC_CHUNK = 1 << 24
 # What zipfile raises on a damaged archive (a bad header, a bad CRC, a method it lacks, ...).
@@ -47,49 +60,9 @@ _ZIP_ERRORS = (
     zlib.error,
 )
 
-# Storage class name in the pickle -> numpy dtype of its elements. bfloat16 has no numpy type:
-# its raw 16-bit words are read as uint16 and widened to float32 (exactly) on ``.numpy()``.
-STORAGE_DTYPES = {
-    "DoubleStorage": "float64",
-    "FloatStorage": "float32",
-    "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16",
-    "LongStorage": "int64",
-    "IntStorage": "int32",
-    "ShortStorage": "int16",
-    "CharStorage": "int8",
-    "ByteStorage": "uint8",
-    "BoolStorage": "bool",
-}
-
-
-class CheckpointError(ValueError):
-    """A file that cannot be read or converted; the message is one line, meant for the user."""
-
-
-class ForbiddenGlobalError(CheckpointError):
-    """The pickle names a global outside the allow-list; nothing was called."""
-
-
-class _Sealed:
-    """Refuses pickle's BUILD opcode, which could otherwise rewrite a bounds-checked view.
-
-    (A frozen dataclass with slots=True gets a __setstate__ that sets any field: no slots.)
-    """
-
-    def __setstate__(self, state: Any) -> None:
-        raise pickle.UnpicklingError(f"the pickle tries to rewrite a {type(self).__name__}")
-
 
 @dataclass(frozen=True)
-class StorageType(_Sealed):
-    """Stand-in for ``torch.FloatStorage`` and friends: only a dtype name."""
-
-    dtype: str
-
-
-@dataclass(frozen=True)
-class Storage(_Sealed):
+class Storage(Sealed):
     """One ``data/<key>`` member of the archive: ``numel`` elements of ``dtype``."""
 
     key: str
@@ -99,11 +72,11 @@ class Storage(_Sealed):
 
     @property
     def itemsize(self) -> int:
-        return 2 if self.dtype == "bfloat16" else np.dtype(self.dtype).itemsize
+        return TORCH_DTYPES[self.dtype][0]
 
 
 @dataclass(frozen=True)
-class TensorRef(_Sealed):
+class TensorRef(Sealed):
     """A tensor of the checkpoint, not yet read: a strided view into one storage."""
 
     archive: _Archive
@@ -129,13 +102,19 @@ class TensorRef(_Sealed):
             other.stride,
         )
 
-    def numpy(self) -> np.ndarray:
+    def numpy(self, byteorder: str | None = None) -> np.ndarray:
         """The values as a numpy array (bfloat16 widened to float32).
 
         A contiguous little-endian tensor of a stored member comes back as a read-only view of
-        the memory-mapped file: no copy is made until the caller makes one.
+        the memory-mapped file: no copy is made until the caller makes one. ``byteorder``
+        overrides the archive's record (to see what the bytes would mean the other way).
         """
-        base = self.archive.storage_array(self.storage)
+        if TORCH_DTYPES[self.dtype][1] is None:
+            raise CheckpointError(
+                f"{self.archive.path}: a {self.dtype} tensor cannot be read without torch "
+                f"(numpy has no {self.dtype} type)"
+            )
+        base = self.archive.storage_array(self.storage, byteorder or self.archive.byteorder)
         if _last_element(self.offset, self.shape, self.stride) >= base.size:
             # as_strided does not check bounds; checked when built, checked again before use.
             raise CheckpointError(f"{self.archive.path}: a tensor outside its storage")
@@ -156,7 +135,8 @@ class TensorRef(_Sealed):
         return view
 
     def __repr__(self) -> str:
-        return f"TensorRef({self.dtype}, shape={self.shape}, storage={self.storage.key!r})"
+        key = clip(self.storage.key, 40)
+        return f"TensorRef({self.dtype}, shape={self.shape}, storage={key})"
 
 
 def read_checkpoint(path: str | Path) -> Any:
@@ -165,9 +145,12 @@ def read_checkpoint(path: str | Path) -> Any:
     Raises CheckpointError (ForbiddenGlobalError for a refused global) with a one-line message.
     The returned tensors keep the archive open until they are garbage-collected.
     """
-    path = Path(path)
-    archive = _Archive(path)
-    return archive.load()
+    archive = _Archive(Path(path))
+    try:
+        return archive.load()
+    except BaseException:
+        archive.file.close()  # (on success the tensors keep it open)
+        raise
 
 
 class _Archive:
@@ -175,87 +158,110 @@ class _Archive:
 
     def __init__(self, path: Path):
         self.path = path
-        _check_is_zip(path)
+        self.file = open_regular(path)
         try:
-            self.zip = zipfile.ZipFile(path)
-            self.members = {info.filename: info for info in self.zip.infolist()}
-            self.file_size = path.stat().st_size
-        except _ZIP_ERRORS as err:
-            raise CheckpointError(f"{path}: corrupt or truncated zip archive ({err})") from None
-        self.prefix = self._find_prefix()
-        self.byteorder = self._read_byteorder()
+            self._open(path)
+        except BaseException:
+            self.file.close()
+            raise
         self._map: np.memmap | None = None
         self._storages: dict[str, Storage] = {}
         self._verified: set[str] = set()
 
+    def __del__(self):
+        file = getattr(self, "file", None)
+        if file is not None:
+            file.close()  # (a memory map keeps its own handle)
+
+    def _open(self, path: Path) -> None:
+        self.file_size = os.fstat(self.file.fileno()).st_size
+        check_is_zip(self.file, path)
+        check_directory_size(self.file, self.file_size, path)
+        try:
+            self.zip = zipfile.ZipFile(self.file)
+            infos = self.zip.infolist()
+        except _ZIP_ERRORS as err:
+            reason = clip(str(err))
+            raise CheckpointError(f"{path}: corrupt or truncated zip archive ({reason})") from None
+        self.members = check_members(infos, path, self.file_size)
+        self.prefix = self._find_prefix()
+        self.byteorder = self._read_byteorder()
+
     def _find_prefix(self) -> str:
-        if any("/code/" in name for name in self.members):
+        pickles = [n for n in self.members if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pickles) == 1 and any(n.startswith(pickles[0][:-8] + "code/") for n in self.members):
             raise CheckpointError(
                 f"{self.path}: this is a TorchScript archive (torch.jit.save), not a checkpoint"
             )
-        pickles = [n for n in self.members if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             raise CheckpointError(
                 f"{self.path}: a zip archive but not a torch checkpoint (expected one "
                 f"<name>/data.pkl, found {len(pickles)})"
             )
-        return pickles[0][: -len("data.pkl")]
+        prefix = common_folder(self.members, self.path)
+        if pickles[0] != prefix + "data.pkl":
+            raise CheckpointError(f"{self.path}: a zip archive but not a torch checkpoint")
+        return prefix
 
     def _read_byteorder(self) -> str:
-        name = self.prefix + "byteorder"
-        if name not in self.members:
+        info = self.members.get(self.prefix + "byteorder")
+        if info is None:
             return "little"  # written only since torch 1.10, always little before
-        order = self._read_member(name).decode("ascii", "replace").strip()
+        raw = read_small_member(self.zip, info, 16, self.path)
+        order = raw.decode("ascii", "replace").strip()
         if order not in ("little", "big"):
-            raise CheckpointError(f"{self.path}: unknown byteorder {order!r}")
+            raise CheckpointError(f"{self.path}: unknown byteorder {clip(order)}")
         return order
 
-    def _read_member(self, name: str) -> bytes:
-        try:
-            return self.zip.read(name)  # zipfile checks the CRC of what it reads
-        except _ZIP_ERRORS as err:
-            raise CheckpointError(f"{self.path}: corrupt member {name} ({err})") from None
-
     def load(self) -> Any:
-        data = self._read_member(self.prefix + "data.pkl")
-        unpickler = _RestrictedUnpickler(io.BytesIO(data), self)
+        info = self.members[self.prefix + "data.pkl"]
+        data = read_small_member(self.zip, info, MAX_PICKLE_BYTES, self.path)
         try:
-            return unpickler.load()
+            scan_pickle(data)  # the limits, checked before the unpickler allocates anything
+            root = RestrictedUnpickler(io.BytesIO(data), self).load()
+            check_structure(root)  # exact depth and size of what was built
+            return root
         except CheckpointError:
             raise
+        except PickleLimitError as err:
+            raise CheckpointError(f"{self.path}: refused: {err}") from None
         except Exception as err:  # noqa: BLE001 - any failure on untrusted bytes means "corrupt"
             detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise CheckpointError(f"{self.path}: corrupt data.pkl ({detail})") from None
+            raise CheckpointError(f"{self.path}: corrupt data.pkl ({clip(detail)})") from None
 
     # -- storages -----------------------------------------------------------------------------
 
     def storage(self, key: Any, storage_type: Any, location: Any, numel: Any) -> Storage:
         """The storage a persistent id names, checked against the archive's member."""
         if not isinstance(storage_type, StorageType):
-            raise CheckpointError(f"{self.path}: storage {key!r} has no storage type")
+            raise CheckpointError(f"{self.path}: storage {describe(key)} has no storage type")
         if not isinstance(key, str) or not isinstance(location, str):
-            raise CheckpointError(f"{self.path}: malformed storage reference {key!r}")
-        if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
-            raise CheckpointError(f"{self.path}: storage {key} has a bad size {numel!r}")
-        storage = Storage(key, storage_type.dtype, location, numel)
+            raise CheckpointError(f"{self.path}: malformed storage reference {describe(key)}")
+        if not _is_index(numel):
+            raise CheckpointError(f"{self.path}: storage {clip(key)} has a bad size")
+        storage = Storage(key, storage_type.dtype, clip(location, 40), numel)
         known = self._storages.setdefault(key, storage)
         if (known.dtype, known.numel) != (storage.dtype, storage.numel):
-            raise CheckpointError(f"{self.path}: storage {key} is described twice, differently")
+            raise CheckpointError(
+                f"{self.path}: storage {clip(key)} is described twice, differently"
+            )
         info = self.members.get(self.prefix + "data/" + key)
         if info is None:
-            raise CheckpointError(f"{self.path}: storage data/{key} is missing from the archive")
+            raise CheckpointError(
+                f"{self.path}: storage data/{clip(key)} is missing from the archive"
+            )
         if info.file_size != numel * storage.itemsize:
             raise CheckpointError(
-                f"{self.path}: storage data/{key} holds {info.file_size} bytes, the pickle "
-                f"says {numel} x {storage.dtype} ({numel * storage.itemsize} bytes)"
+                f"{self.path}: storage data/{clip(key)} holds {info.file_size} bytes, the "
+                f"pickle says {numel} x {storage.dtype} ({numel * storage.itemsize} bytes)"
             )
         return known
 
-    def storage_array(self, storage: Storage) -> np.ndarray:
+    def storage_array(self, storage: Storage, byteorder: str) -> np.ndarray:
         """All elements of a storage as a 1-d numpy array (bfloat16 as raw uint16)."""
         info = self.members[self.prefix + "data/" + storage.key]
-        raw_dtype = np.dtype("uint16" if storage.dtype == "bfloat16" else storage.dtype)
-        if self.byteorder == "big":
+        raw_dtype = np.dtype(TORCH_DTYPES[storage.dtype][1])
+        if byteorder == "big":
             raw_dtype = raw_dtype.newbyteorder(">")
         if info.compress_type == zipfile.ZIP_STORED:
             raw = self._mapped_member(info)
@@ -266,7 +272,7 @@ class _Archive:
     def _mapped_member(self, info: zipfile.ZipInfo) -> np.ndarray:
         """A stored member's bytes as a view of the memory-mapped archive (no copy)."""
         if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            self._map = np.memmap(self.file, dtype=np.uint8, mode="r")
         start = self._data_offset(info)
         raw = self._map[start : start + info.file_size]
         if info.filename not in self._verified:
@@ -276,23 +282,26 @@ class _Archive:
             for chunk in range(0, info.file_size, _CRC_CHUNK):
                 crc = zlib.crc32(raw[chunk : chunk + _CRC_CHUNK], crc)
             if crc != info.CRC:
-                raise CheckpointError(f"{self.path}: {info.filename} is corrupt (bad CRC-32)")
+                name = clip(info.filename)
+                raise CheckpointError(f"{self.path}: {name} is corrupt (bad CRC-32)")
             self._verified.add(info.filename)
         return raw
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
         header = bytes(self._map[info.header_offset : info.header_offset + _LOCAL_HEADER.size])
+        name = clip(info.filename)
         if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
-            raise CheckpointError(f"{self.path}: corrupt zip header for {info.filename}")
+            raise CheckpointError(f"{self.path}: corrupt zip header for {name}")
         fields = _LOCAL_HEADER.unpack(header)
         name_len, extra_len = fields[-2], fields[-1]
         start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
         if start + info.file_size > self.file_size:
-            raise CheckpointError(f"{self.path}: {info.filename} runs past the end of the file")
+            raise CheckpointError(f"{self.path}: {name} runs past the end of the file")
         return start
 
     def _streamed_member(self, info: zipfile.ZipInfo) -> np.ndarray:
-        """A compressed member decompressed into one preallocated buffer."""
+        """A compressed member decompressed into one preallocated buffer (size capped when the
+        archive was opened: see zip_guard.MAX_INFLATED_BYTES)."""
         out = np.empty(info.file_size, dtype=np.uint8)
         try:
             with self.zip.open(info) as stream:
@@ -305,9 +314,10 @@ class _Archive:
                     filled += n
                 stream.read(1)  # reaching the end makes zipfile check the CRC
         except _ZIP_ERRORS as err:
-            raise CheckpointError(f"{self.path}: corrupt member {info.filename} ({err})") from None
+            name, reason = clip(info.filename), clip(str(err))
+            raise CheckpointError(f"{self.path}: corrupt member {name} ({reason})") from None
         if filled != info.file_size:
-            raise CheckpointError(f"{self.path}: {info.filename} is truncated")
+            raise CheckpointError(f"{self.path}: {clip(info.filename)} is truncated")
         return out
 
     # -- tensors ------------------------------------------------------------------------------
@@ -318,32 +328,47 @@ class _Archive:
         """Stand-in for ``torch._utils._rebuild_tensor_v2``: a view, bounds-checked."""
         if not isinstance(storage, Storage):
             raise CheckpointError(f"{self.path}: a tensor without a storage")
-        shape, strides = _int_tuple(size), _int_tuple(stride)
-        if (
-            shape is None
-            or strides is None
-            or len(shape) != len(strides)
-            or not isinstance(offset, int)
-        ):
-            raise CheckpointError(f"{self.path}: malformed tensor in storage {storage.key}")
-        if offset < 0 or any(n < 0 for n in shape) or any(s < 0 for s in strides):
-            raise CheckpointError(f"{self.path}: negative size or stride in storage {storage.key}")
-        size = 1
+        shape, strides = _index_tuple(size), _index_tuple(stride)
+        if shape is None or strides is None or len(shape) != len(strides) or not _is_index(offset):
+            raise CheckpointError(
+                f"{self.path}: malformed tensor in storage {clip(storage.key)} (sizes, "
+                f"strides and offset must be up to {MAX_DIMS} non-negative integers)"
+            )
+        key = clip(storage.key, 40)
+        elements = 1
         for n in shape:
-            size *= n
-        if size > storage.numel:
+            elements *= n
+        if elements > storage.numel:
             # Only a zero stride makes a view bigger than its data; a state dict never holds
             # one, and reading it would allocate without bound.
             raise CheckpointError(
-                f"{self.path}: a broadcast tensor {shape} larger than its storage {storage.key}"
+                f"{self.path}: a broadcast tensor {shape} larger than its storage {key}"
             )
         last = _last_element(offset, shape, strides)
         if last >= storage.numel:
             raise CheckpointError(
                 f"{self.path}: a tensor {shape} at offset {offset} reaches element {last} "
-                f"of storage {storage.key}, which has {storage.numel}"
+                f"of storage {key}, which has {storage.numel}"
             )
         return TensorRef(self, storage, offset, shape, strides)
+
+    def rebuild_tensor_v3(
+        self, storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None
+    ) -> TensorRef:
+        """Stand-in for ``torch._utils._rebuild_tensor_v3`` (torch >= 2.1, for dtypes such as
+        uint16 and float8): an untyped (byte) storage, typed by the tensor's ``dtype``."""
+        if not isinstance(storage, Storage) or storage.dtype != "uint8":
+            raise CheckpointError(f"{self.path}: a tensor without an untyped storage")
+        if not isinstance(dtype, TorchDtype):
+            raise CheckpointError(f"{self.path}: a tensor without a dtype")
+        itemsize = TORCH_DTYPES[dtype.name][0]
+        if storage.numel % itemsize:
+            raise CheckpointError(
+                f"{self.path}: storage {clip(storage.key)} is not a whole number of "
+                f"{dtype.name} elements"
+            )
+        typed = Storage(storage.key, dtype.name, storage.location, storage.numel // itemsize)
+        return self.rebuild_tensor(typed, offset, size, stride)
 
     def rebuild_parameter(self, data, requires_grad=False, hooks=None) -> TensorRef:
         """Stand-in for ``torch._utils._rebuild_parameter``: a Parameter is just its tensor."""
@@ -359,61 +384,12 @@ def _last_element(offset: int, shape: tuple[int, ...], stride: tuple[int, ...]) 
     return offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
 
 
-def _int_tuple(value: Any) -> tuple[int, ...] | None:
-    if not isinstance(value, tuple) or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
+def _is_index(value: Any) -> bool:
+    return type(value) is int and 0 <= value < _MAX_INDEX
+
+
+def _index_tuple(value: Any) -> tuple[int, ...] | None:
+    """A tuple of sizes or strides; None unless all are non-negative integers of sane size."""
+    if not isinstance(value, tuple) or len(value) > MAX_DIMS or not all(map(_is_index, value)):
         return None
     return value
-
-
-def _check_is_zip(path: Path) -> None:
-    """Tell a missing file, the legacy format and plain garbage apart, before zipfile does."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(_LEGACY_MAGIC))
-    except IsADirectoryError:
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist") from None
-    except OSError as err:
-        raise CheckpointError(f"cannot read {path}: {err.strerror}") from None
-    if not head:
-        raise CheckpointError(f"{path} is empty")
-    if head.startswith(_LEGACY_MAGIC):
-        raise CheckpointError(
-            f"{path}: legacy (pre-1.6, non-zip) torch format is not supported; {LEGACY_HINT}"
-        )
-    if not head.startswith(b"PK"):
-        raise CheckpointError(f"{path}: not a torch checkpoint (not a zip archive)")
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that can only build containers, numbers, strings and TensorRefs."""
-
-    def __init__(self, file, archive: _Archive):
-        super().__init__(file)
-        self.archive = archive
-        self.allowed = {
-            ("collections", "OrderedDict"): collections.OrderedDict,
-            ("torch._utils", "_rebuild_tensor_v2"): archive.rebuild_tensor,
-            ("torch._utils", "_rebuild_parameter"): archive.rebuild_parameter,
-        }
-        for name, dtype in STORAGE_DTYPES.items():
-            self.allowed[("torch", name)] = StorageType(dtype)
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self.allowed[(module, name)]
-        except KeyError:
-            raise ForbiddenGlobalError(
-                f"{self.archive.path}: refused: the pickle asks for {module}.{name}, which a "
-                "checkpoint never needs (allowed: tensors, storages, OrderedDict); "
-                "nothing was executed"
-            ) from None
-
-    def persistent_load(self, pid: Any) -> Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise CheckpointError(f"{self.archive.path}: unknown persistent id {pid!r:.80}")
-        _, storage_type, key, location, numel = pid
-        return self.archive.storage(key, storage_type, location, numel)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import re
 
 from ..config import ModelArgs
-from .torch_zip import CheckpointError
+from .errors import CheckpointError
+from .pickle_guard import clip
 
 OUTPUT_HEAD = "output_head.weight"  # tied to embed.weight; the MLX model reuses embed.weight
-_LAYER = re.compile(r"blocks\.(\d+)\.")
+_LAYER = re.compile(r"blocks\.(\d{1,9})\.")  # (a longer number is not a layer: int() of
+# thousands of digits is slow, and Python refuses it)
 _LISTED = 10  # names shown in an error before "and N more"
 
 Shapes = dict[str, tuple[int, ...]]
@@ -69,8 +71,9 @@ def infer_config(shapes: Shapes, bistable: bool) -> ModelArgs:
     ffn = shapes["blocks.0.ffn.0.weight"]
     if [len(pos), len(embed), len(omega), len(readout), len(ffn)] != [3, 2, 1, 2, 2]:
         raise CheckpointError(
-            f"shapes do not fit K-SSM v3: pos_embed {pos}, embed.weight {embed}, "
-            f"omega_0 {omega}, readout.weight {readout}, ffn.0.weight {ffn}"
+            f"shapes do not fit K-SSM v3: pos_embed {_shape(pos)}, embed.weight "
+            f"{_shape(embed)}, omega_0 {_shape(omega)}, readout.weight {_shape(readout)}, "
+            f"ffn.0.weight {_shape(ffn)}"
         )
     d = embed[1]
     if 0 in (d, embed[0], pos[1], omega[0], readout[1], ffn[0]) or readout[1] % 3 or ffn[0] % d:
@@ -123,7 +126,12 @@ def _check_names(shapes: Shapes, expected: list[str]) -> None:
         raise CheckpointError(f"incomplete K-SSM v3 state dict: missing {_listing(missing)}")
 
 
+def _shape(shape: tuple[int, ...]) -> str:
+    return clip(str(shape), 40)
+
+
 def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_LISTED])
+    """At most ``_LISTED`` items, each cut short: names come from the file."""
+    shown = ", ".join(clip(item, 60) for item in items[:_LISTED])
     more = len(items) - _LISTED
     return shown + (f" and {more} more" if more > 0 else "")

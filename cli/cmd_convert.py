@@ -55,5 +55,8 @@ def convert(
             f"  training state: step {report.step}, next lr {report.torch_lr_next:g}; "
             f"continue with `kssm train --resume {report.out_dir}`"
         )
+    elif report.training_state_left_out:
+        step = f"of step {report.step} " if report.step is not None else ""
+        typer.echo(f"  weights {step}only: the training state was left out (see the note above)")
     elif report.step is not None:
         typer.echo(f"  weights of step {report.step}; no training state in the source")

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import collections
 import json
+import math
+import os
 import pickle
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,9 +22,12 @@ from mlx.utils import tree_flatten
 from torch_zip_writer import (
     Global,
     Reduce,
+    Storage,
+    Tensor,
     pickle_checkpoint,
     tensor,
     torch_order,
+    v3_tensor,
     write_checkpoint,
     write_pickle_archive,
 )
@@ -31,6 +37,8 @@ import mlx_kssm
 from mlx_kssm import Model
 from mlx_kssm.checkpoints_convert.convert import convert
 from mlx_kssm.checkpoints_convert.torch_zip import CheckpointError
+from mlx_kssm.checkpoints_convert.training_state import jsonable
+from mlx_kssm.checkpoints_convert.v3_rules import parameter_shapes
 from mlx_kssm.cli.app import app
 from mlx_kssm.run_folder import is_training_checkpoint, load_trainer_state
 
@@ -230,19 +238,124 @@ def edit_optimizer(ckpt, how):
     "how, message",
     [
         ("steps differ", "different AdamW step counts"),
-        ("amsgrad", "amsgrad"),
-        ("Adam with L2", "not AdamW"),
-        ("two lrs", "param groups have lr"),
         ("moment shape", "exp_avg of blocks.0.oscillators.delta_param"),
         ("a parameter without state", "missing: \\['blocks.0.norm1.bias'\\]"),
         ("betas not numbers", "hyperparameters are not numbers"),
         ("too few parameters", "holds 31 parameters, the model 32"),
     ],
 )
-def test_optimizer_states_mlx_cannot_continue_are_refused(tmp_path, how, message):
+def test_damaged_adamw_states_are_refused(tmp_path, how, message):
     ckpt = edit_optimizer(training_checkpoint(source_weights()), how)
     with pytest.raises(CheckpointError, match=message):
         convert(write_checkpoint(tmp_path / "s.pt", ckpt), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "how, reason",
+    [
+        ("amsgrad", "amsgrad"),
+        ("Adam with L2", "Adam with L2 weight decay, not AdamW"),
+        ("two lrs", "param groups have lr 0.0005, 0.001"),
+    ],
+)
+def test_optimizers_mlx_cannot_continue_give_the_weights_only(tmp_path, how, reason):
+    """A well-formed state MLX AdamW cannot continue: weights converted, the reason noted."""
+    weights = source_weights()
+    ckpt = edit_optimizer(training_checkpoint(weights), how)
+    report = convert(write_checkpoint(tmp_path / "s.pt", ckpt), tmp_path / "out")
+    assert_same_weights(tmp_path / "out", weights)
+    assert not report.training_state and not is_training_checkpoint(tmp_path / "out")
+    assert report.step == 3
+    [note] = report.notes
+    assert note.startswith("training state left out: ") and reason in note
+    assert note.endswith("the weights are converted")
+
+
+def sgd_checkpoint(weights, step=5):
+    """What the seed would save had it trained with torch.optim.SGD(momentum=0.9)."""
+    group = {"lr": 0.1, "momentum": 0.9, "dampening": 0, "weight_decay": 0.0}
+    group.update(nesterov=False, maximize=False, foreach=None, differentiable=False)
+    group.update(fused=None, params=list(range(len(weights))))
+    state = {
+        i: {"momentum_buffer": tensor(np.zeros(w.shape))} for i, w in enumerate(weights.values())
+    }
+    ckpt = training_checkpoint(weights, step)
+    ckpt["optimizer_state"] = {"state": state, "param_groups": [group]}
+    return ckpt
+
+
+def test_an_sgd_state_converts_the_weights_and_says_why_not_the_state(tmp_path):
+    weights = source_weights()
+    src = write_checkpoint(tmp_path / "s.pt", sgd_checkpoint(weights))
+    result = run_cli(src, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "note: training state left out: the optimizer is SGD, not AdamW" in result.stdout
+    assert "not numbers" not in result.output
+    assert "weights of step 5 only: the training state was left out" in result.stdout
+    assert_same_weights(tmp_path / "out", weights)
+    assert not is_training_checkpoint(tmp_path / "out")
+
+
+def test_numpy_scalars_in_the_history_are_read_as_numbers(tmp_path):
+    """Valid files log np.float64 losses; they are rebuilt as numbers, nothing else of numpy."""
+    ckpt = training_checkpoint(source_weights())
+    ckpt["history"] = [{"step": np.int64(1), "val_loss": np.float64(6.5), "ok": np.bool_(True)}]
+    ckpt["best_val_loss"] = np.float32(6.25)
+    convert(write_checkpoint(tmp_path / "s.pt", ckpt), tmp_path / "out")
+    trainer = load_trainer_state(tmp_path / "out")
+    assert trainer["history"] == [{"step": 1, "val_loss": 6.5, "ok": True}]
+    assert trainer["source"]["best_val_loss"] == 6.25
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "float8_e4m3fn"])
+def test_newer_torch_dtypes_get_an_honest_message(tmp_path, dtype):
+    state = state_dict(source_weights())
+    state["blocks.0.norm1.bias"] = v3_tensor(
+        np.zeros(32, np.uint16 if dtype == "uint16" else np.uint8), dtype
+    )
+    with pytest.raises(CheckpointError) as err:
+        convert(write_checkpoint(tmp_path / "s.pt", state), tmp_path / "out")
+    message = str(err.value)
+    assert f"unsupported dtype {dtype} for tensor blocks.0.norm1.bias" in message
+    assert "refused" not in message and "never needs" not in message
+
+
+def test_newer_dtypes_outside_the_weights_do_not_matter(tmp_path):
+    weights = source_weights()
+    ckpt = {
+        "model_state": state_dict(weights),
+        "mask": v3_tensor(np.arange(4, dtype=np.uint16), "uint16"),
+    }
+    report = convert(write_checkpoint(tmp_path / "s.pt", ckpt), tmp_path / "out")
+    assert_same_weights(tmp_path / "out", weights)
+    assert report.notes == ["ignored unknown top-level key(s): mask"]
+
+
+def test_big_endian_checkpoints_convert_with_a_note(tmp_path):
+    weights = source_weights()
+    src = write_checkpoint(tmp_path / "s.pt", training_checkpoint(weights), byteorder="big")
+    report = convert(src, tmp_path / "out")
+    assert_same_weights(tmp_path / "out", weights)
+    assert report.training_state
+    assert "saved big-endian: its values were byte-swapped to little-endian" in report.notes[0]
+    state = mx.load(str(tmp_path / "out" / "optimizer.safetensors"))
+    assert np.all(np.array(state["embed.weight.m"]) == 2)
+
+
+def test_a_byteorder_record_that_lies_is_refused(tmp_path):
+    """Little-endian data labelled "big": converting it would give byte-swapped garbage."""
+    src = write_checkpoint(tmp_path / "s.pt", state_dict(source_weights()))
+    with zipfile.ZipFile(src) as zf:
+        members = {info.filename: zf.read(info) for info in zf.infolist()}
+    members["archive/byteorder"] = b"big"
+    liar = tmp_path / "liar.pt"
+    with zipfile.ZipFile(liar, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    result = run_cli(liar, tmp_path / "out")
+    assert result.exit_code == 2
+    assert "byteorder record says big-endian, but the weights only make sense" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -309,15 +422,24 @@ def nested(depth: int, shared: bool):
     return value
 
 
-@pytest.mark.parametrize("shared, depth", [(True, 40), (False, 200)])
-def test_a_history_that_would_explode_is_refused(tmp_path, monkeypatch, shared, depth):
-    # A lower limit keeps the test fast; what is tested is that the walk stops at one.
-    monkeypatch.setattr("mlx_kssm.checkpoints_convert.convert._JSON_VALUES", 100_000)
+@pytest.mark.parametrize(
+    "shared, depth, message",
+    [(True, 40, "expands to more than 4,000,000 values"), (False, 200, "deeper than 100 levels")],
+)
+def test_a_history_that_would_explode_is_refused(tmp_path, shared, depth, message):
     ckpt = training_checkpoint(source_weights())
     ckpt["history"] = nested(depth, shared)
     src = write_checkpoint(tmp_path / "s.pt", ckpt)
-    with pytest.raises(CheckpointError, match="history is too large or too deeply nested"):
+    with pytest.raises(CheckpointError, match=message):
         convert(src, tmp_path / "out")
+
+
+def test_the_json_walk_has_its_own_bound(monkeypatch):
+    """A second line of defence behind the reader's limits."""
+    monkeypatch.setattr("mlx_kssm.checkpoints_convert.training_state._JSON_VALUES", 1000)
+    with pytest.raises(CheckpointError, match="history is too large or too deeply nested"):
+        jsonable(nested(12, shared=True), "history")
+    assert jsonable(nested(8, shared=True), "history") == nested(8, shared=True)
 
 
 def test_state_dict_keys_must_be_names(tmp_path):
@@ -477,3 +599,130 @@ def test_hostile_file_in_a_real_process(tmp_path):
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
     assert "builtins.eval" in proc.stderr
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+# -- the output folder: written aside, renamed in, nothing lost --------------------------------
+
+
+def appearing_out(monkeypatch, out: Path, **files):
+    """Make ``out`` appear (with ``files``) while the conversion writes its temporary folder."""
+    import mlx_kssm.checkpoints_convert.convert as module
+
+    real = module.write_model_files
+
+    def write_and_race(model, folder, dtype=None):
+        real(model, folder, dtype=dtype)
+        out.mkdir(exist_ok=True)
+        for name, text in files.items():
+            (out / name).write_text(text)
+
+    monkeypatch.setattr(module, "write_model_files", write_and_race)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_folder_appearing_at_out_during_conversion_is_kept(tmp_path, monkeypatch, force):
+    src = write_checkpoint(tmp_path / "s.pt", state_dict(source_weights()))
+    out = tmp_path / "out"
+    appearing_out(monkeypatch, out, **{"notes.txt": "mine"})
+    result = run_cli(src, out, *(["--force"] if force else []))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1
+    assert ("--force" if force else "left untouched") in result.stderr
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"notes.txt": "mine"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s.pt"]  # no temporaries
+
+
+def test_an_empty_out_filled_during_conversion_is_kept(tmp_path, monkeypatch):
+    src = write_checkpoint(tmp_path / "s.pt", state_dict(source_weights()))
+    out = tmp_path / "out"
+    out.mkdir()
+    appearing_out(monkeypatch, out, **{"draft.md": "keep"})
+    with pytest.raises(CheckpointError, match="created or filled by something else"):
+        convert(src, out)
+    assert (out / "draft.md").read_text() == "keep"
+
+
+def test_a_conversion_killed_mid_write_is_cleaned_up_by_the_next(tmp_path):
+    """kill -9 while the temporary folder holds the weights; the next conversion removes it."""
+    src = write_checkpoint(tmp_path / "s.pt", training_checkpoint(source_weights()))
+    out = tmp_path / "out"
+    script = (
+        "import sys, time\n"
+        "import mlx_kssm.checkpoints_convert.convert as c\n"
+        "real = c.write_model_files\n"
+        "def stall(model, folder, dtype=None):\n"
+        "    real(model, folder, dtype=dtype)\n"
+        "    print(folder, flush=True)\n"
+        "    time.sleep(120)\n"
+        "c.write_model_files = stall\n"
+        f"c.convert({str(src)!r}, {str(out)!r})\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    leftover = Path(child.stdout.readline().strip())
+    child.kill()  # SIGKILL: no cleanup handler runs
+    child.wait(timeout=60)
+    child.stdout.close()
+    assert (leftover / "model.safetensors").is_file() and leftover.name.startswith(".out.tmp-")
+    report = convert(src, out)
+    assert report.training_state and not leftover.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s.pt"]
+
+
+def test_a_symlinked_out_is_replaced_through_its_link(tmp_path):
+    src = write_checkpoint(tmp_path / "s.pt", state_dict(source_weights()))
+    real = tmp_path / "disk" / "model"
+    convert(src, real)
+    link = tmp_path / "out"
+    link.symlink_to(real)
+    convert(src, link, monostable=True, force=True)
+    assert link.is_symlink() and json.loads((real / "config.json").read_text())["bistable"] is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "out", "s.pt"]
+    assert sorted(p.name for p in real.parent.iterdir()) == ["model"]  # no .model.old-PID
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="symbolic link to a folder that does not exist"):
+        convert(src, dangling)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_fifo_source_is_refused_without_waiting(tmp_path):
+    fifo = tmp_path / "s.pt"
+    os.mkfifo(fifo)
+    code = "from mlx_kssm.cli.app import main; main()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "convert", str(fifo), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "is a FIFO, not a checkpoint file" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_param_groups_that_repeat_one_long_list_are_refused_cheaply(tmp_path):
+    """15,000 groups sharing one list of 15,000 indices: 225M values once expanded."""
+    ckpt = training_checkpoint(source_weights())
+    group = ckpt["optimizer_state"]["param_groups"][0]
+    indices = list(range(15_000))
+    ckpt["optimizer_state"]["param_groups"] = [{**group, "params": indices}] * 15_000
+    src = write_checkpoint(tmp_path / "s.pt", ckpt)
+    with pytest.raises(CheckpointError, match="more than 4,000,000 values"):
+        convert(src, tmp_path / "out")
+
+
+def one_storage_state(n_layers: int) -> dict:
+    """Every weight a view of the same small storage: a file of kilobytes for a model of
+    ``n_layers`` layers."""
+    shapes = parameter_shapes(tiny_args(n_layers=n_layers))
+    base = Storage(np.zeros(max(math.prod(s) for s in shapes.values()), np.float32))
+    strides = {s: tuple(math.prod(s[i + 1 :]) for i in range(len(s))) for s in shapes.values()}
+    return {name: Tensor(base, 0, s, strides[s]) for name, s in shapes.items()}
+
+
+def test_weights_viewing_one_storage_over_and_over_are_refused(tmp_path):
+    state = one_storage_state(400)
+    src = write_checkpoint(tmp_path / "s.pt", state)
+    model_bytes = 4 * sum(math.prod(t.shape) for t in state.values())
+    assert model_bytes > 10 * src.stat().st_size  # what building the model would have cost
+    with pytest.raises(CheckpointError, match="tensors view the same data over and over"):
+        convert(src, tmp_path / "out")
