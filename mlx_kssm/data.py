@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import discard, publish_folder, temporary_folder
 from .documents import (
     SPLIT_NAMES,
     TextCount,
@@ -46,7 +46,6 @@ from .documents import (
     text_lines,
 )
 from .hub_datasets import HubUnavailable, hub_documents, hub_id, hub_splits, load_hub
-from .io import atomic_folder, replace_folder
 from .token_folder import (
     FORMAT_VERSION,
     MAX_META_BYTES,
@@ -288,7 +287,7 @@ def _tokenise_source(
 ) -> list[str]:
     """Write the token folder to a temporary name and rename it into place. Returns one
     line per text file that held bytes that are not UTF-8 text (to tell the user)."""
-    tmp = atomic_folder(folder)
+    tmp = temporary_folder(folder)
     text_counts: dict[Path, TextCount] = {}
     try:
         with _progress(console, f"tokenising {source.name}") as (advance, set_total):
@@ -317,9 +316,9 @@ def _tokenise_source(
             "control_bytes": sum(c.control for c in text_counts.values()),
         }
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        replace_folder(tmp, folder)
+        publish_folder(tmp, folder, replace=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
     return [line for file, c in text_counts.items() if (line := c.report(file))]
 
 

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .atomic import discard, publish_folder, temporary_folder
 from .models import ConfigError, build_model, model_args_from_config
 from .models.base import BaseModelArgs
+from .safetensors_check import check_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -88,16 +88,40 @@ def load(path: str | os.PathLike, strict: bool = True):
         model = build_model(args)
     except ConfigError as err:  # e.g. a Phase-Mamba whose base is missing or changed
         raise ModelFolderError(f"{folder}: {err}") from None
+    try:  # the file's header, checked before a byte of tensor data is read
+        stored = check_safetensors(folder / WEIGHTS_NAME)
+    except (OSError, ValueError) as err:
+        raise ModelFolderError(f"{folder / WEIGHTS_NAME} is damaged: {_one_line(err)}") from None
+    _check_shapes(folder, model, stored, strict)
     try:
         weights = model.sanitize(mx.load(str(folder / WEIGHTS_NAME)))
         model.load_weights(list(weights.items()), strict=strict)
-    except ValueError as err:
+    except (ValueError, RuntimeError) as err:
         raise ModelFolderError(
             f"{folder}: weights do not fit the config: {_one_line(err)}"
         ) from None
     mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def _check_shapes(folder: Path, model, stored: dict, strict: bool) -> None:
+    """The stored tensors' names and shapes against the model the config describes."""
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    shapes = {k: tuple(shape) for k, (_, shape) in stored.items()}
+    shapes = {k: shapes[k] for k in model.sanitize(dict.fromkeys(shapes)) if k in shapes}
+    missing = sorted(set(expected) - set(shapes))
+    if strict and missing:
+        raise ModelFolderError(
+            f"{folder}: {len(missing)} weights the config needs are missing (e.g. "
+            f"{missing[0][:60]}); the config and the weights are from different models"
+        )
+    for name, shape in shapes.items():
+        if name in expected and shape != expected[name]:
+            raise ModelFolderError(
+                f"{folder}: {name[:60]} is stored as {shape[:8]} but the config needs "
+                f"{expected[name]}; the config and the weights are from different models"
+            )
 
 
 def write_model_files(model, folder: Path, dtype: mx.Dtype | None = None) -> None:
@@ -110,34 +134,11 @@ def write_model_files(model, folder: Path, dtype: mx.Dtype | None = None) -> Non
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def atomic_folder(target: Path) -> Path:
-    """A fresh temporary folder beside ``target``, for write-then-rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like mkdir's
-    return tmp
-
-
-def replace_folder(tmp: Path, target: Path) -> None:
-    """Move a finished temporary folder onto ``target``; the old one is removed only after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save(model, path: str | os.PathLike, dtype: mx.Dtype | None = None) -> Path:
     """Save ``model`` to the folder ``path`` (written to a temporary name, then renamed)."""
-    target = Path(path)
-    tmp = atomic_folder(target)
+    tmp = temporary_folder(path)
     try:
         write_model_files(model, tmp, dtype)
-        replace_folder(tmp, target)
+        return publish_folder(tmp, path, replace=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        discard(tmp)

@@ -9,16 +9,15 @@
     RUN/best/                      the weights with the lowest val CE so far (+ best.json)
     RUN/train.lock                 held while a training writes the folder
 
-Every folder is written under a temporary name, flushed to disk and renamed into place, so a
-crash mid-write leaves the previous one intact; temporaries of a killed run are removed by the
-next one, under the lock.
+Every folder and file is written under a temporary name, flushed to disk and renamed into place
+(mlx_kssm/atomic.py, the package's one write-then-rename helper), so a crash mid-write leaves
+the previous one intact; temporaries of a killed run are removed by the next one.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,14 +25,8 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .io import (
-    CHECKPOINTS_DIR,
-    WEIGHTS_NAME,
-    atomic_folder,
-    checkpoint_dirs,
-    replace_folder,
-    write_model_files,
-)
+from .atomic import atomic_write_text, discard, publish_folder, temporary_folder
+from .io import CHECKPOINTS_DIR, WEIGHTS_NAME, checkpoint_dirs, write_model_files
 from .jsonl import read_rows, strict_json
 
 METRICS_NAME = "metrics.jsonl"
@@ -98,8 +91,7 @@ def save_training_checkpoint(
 
     ``optimizer_state`` is the (nested) ``optimizer.state`` or an already flat dict of arrays.
     """
-    target = Path(target)
-    tmp = atomic_folder(target)
+    tmp = temporary_folder(target)
     try:
         write_model_files(model, tmp)
         flat = (
@@ -107,12 +99,9 @@ def save_training_checkpoint(
         )
         mx.save_safetensors(str(tmp / OPTIMIZER_NAME), flat)
         (tmp / TRAINER_STATE_NAME).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
-        fsync_tree(tmp)
-        replace_folder(tmp, target)
-        fsync_dir(target.parent)
+        return publish_folder(tmp, target, replace=True)  # flushed to disk, then renamed
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        discard(tmp)
 
 
 def load_optimizer_state(folder: str | Path) -> dict[str, Any]:
@@ -133,16 +122,13 @@ def drop_old_checkpoints(run_dir: Path, keep_last: int) -> None:
 def save_best(run_dir: Path, model, info: dict[str, Any]) -> Path:
     """RUN/best/: the model and ``info`` (step, val CE, ...) as best.json."""
     target = Path(run_dir) / BEST_DIR
-    tmp = atomic_folder(target)
+    tmp = temporary_folder(target)
     try:
         write_model_files(model, tmp)
         (tmp / BEST_INFO).write_text(json.dumps(strict_json(info), indent=2) + "\n")
-        fsync_tree(tmp)
-        replace_folder(tmp, target)
-        fsync_dir(target.parent)
+        return publish_folder(tmp, target, replace=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        discard(tmp)
 
 
 def remove_leftovers(run_dir: Path) -> None:
@@ -157,30 +143,6 @@ def remove_leftovers(run_dir: Path) -> None:
                         p.unlink(missing_ok=True)
 
 
-def fsync_tree(folder: Path) -> None:
-    """Flush a folder's files and the folder itself before it is renamed into place, so a
-    power cut cannot leave a renamed but empty checkpoint behind while older ones are gone."""
-    for p in folder.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(folder)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Flush a folder's entries (a rename in it) to disk."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot fsync a directory
-        pass
-    finally:
-        os.close(fd)
-
-
 def _is_nested(tree: dict[str, Any]) -> bool:
     return any(isinstance(v, (dict, list)) for v in tree.values())
 
@@ -190,9 +152,7 @@ def _is_nested(tree: dict[str, Any]) -> bool:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write a JSON file under a temporary name, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(strict_json(obj), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(strict_json(obj), indent=2) + "\n")
 
 
 class MetricsLog:
@@ -202,9 +162,7 @@ class MetricsLog:
     def __init__(self, path: Path, keep_until: int):
         self.path = path
         kept = [row for row in read_rows(path) if row.get("step", 0) <= keep_until]
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

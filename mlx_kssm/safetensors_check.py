@@ -99,7 +99,9 @@ def check_safetensors(
         raise ValueError(f"{path}: the header is not valid JSON ({reason})") from None
     if not isinstance(entries, dict):
         raise ValueError(f"{path}: the header is not a JSON object")
-    metadata = entries.pop("__metadata__", {})
+    metadata = entries.pop("__metadata__", None)
+    if metadata is None:  # MLX writes "__metadata__": null when there is none
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):

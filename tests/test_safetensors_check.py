@@ -115,3 +115,11 @@ def test_not_a_regular_file(tmp_path):
     os.mkfifo(fifo)
     rejected(fifo, "not a regular file")  # opened without blocking
     rejected(tmp_path / "missing.safetensors", "cannot read")
+
+
+def test_mlx_files_with_null_metadata_are_accepted(tmp_path):
+    import mlx.core as mx
+
+    path = tmp_path / "opt.safetensors"
+    mx.save_safetensors(str(path), {"a.m": mx.zeros((3,)), "step": mx.array(2)})
+    assert set(check_safetensors(path)) == {"a.m", "step"}

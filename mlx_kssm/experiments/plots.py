@@ -10,11 +10,13 @@ The figures follow the names in metrics.jsonl, so any architecture's metrics are
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from functools import partial
 from pathlib import Path
 
+from ..atomic import atomic_write_bytes
 from ..jsonl import read_rows
 
 METRICS_NAME = "metrics.jsonl"
@@ -175,7 +177,6 @@ def _variant(run_dir) -> str | None:
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return atomic_write_bytes(path, buffer.getvalue())
