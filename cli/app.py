@@ -10,7 +10,7 @@ from importlib import metadata
 import typer
 from typer.core import TyperGroup
 
-from . import cmd_convert, cmd_experiments, cmd_sample, cmd_train
+from . import cmd_convert, cmd_experiments, cmd_plot, cmd_sample, cmd_train
 from .errors import run_with_short_errors
 
 
@@ -56,7 +56,9 @@ def _main(
     """Kuramoto state-space language models (K-SSM) in MLX."""
 
 
-app.command("train", help="Train a K-SSM (resumable; Ctrl+C saves and exits).")(cmd_train.train)
+app.command("train", help="Train a model: --arch v3 | ssm | phase_mamba (resumable).")(
+    cmd_train.train
+)
 app.command("sample", help="Generate text with R and U tracked per token.")(cmd_sample.sample)
 app.command("intervene", help="Force R and measure whether the output changes.")(
     cmd_experiments.intervene
@@ -70,7 +72,9 @@ app.command("convert", help="Convert a PyTorch K-SSM v3 checkpoint (no torch nee
 app.command("compare", help="Compare two models on the same prompts (Phase-Mamba baseline).")(
     cmd_experiments.compare
 )
-app.command("plot", help="Draw a training run's figures (loss, R and u per layer).")(cmd_train.plot)
+app.command("plot", help="Draw a training run's figures (loss and the model's metrics).")(
+    cmd_plot.plot
+)
 
 
 def main() -> None:

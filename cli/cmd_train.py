@@ -79,6 +79,31 @@ def train(
     resume: bool = typer.Option(
         False, "--resume", help="Continue exactly from the newest checkpoint (or CHECKPOINT)."
     ),
+    arch: str | None = typer.Option(
+        None,
+        "--arch",
+        help=_with_default(
+            "Architecture: v3 (the published K-SSM, no sequence mixing) | ssm (K-SSM with a "
+            "selective scan) | phase_mamba (an oscillator core on a frozen mlx-lm Mamba, "
+            "needs --base).",
+            "v3",
+        ),
+        rich_help_panel=_MODEL,
+    ),
+    base: str | None = typer.Option(
+        None,
+        "--base",
+        help="phase_mamba: the base model's folder (any Mamba mlx-lm can load).",
+        rich_help_panel=_MODEL,
+    ),
+    model_set: list[str] | None = typer.Option(
+        None,
+        "--set",
+        help="KEY=VALUE, repeatable: any field of the architecture's ModelArgs (config.json), "
+        "e.g. --set state_size=32, --set oscillators=false, --set coupling=additive, "
+        "--set hook_layers=[16,32].",
+        rich_help_panel=_MODEL,
+    ),
     print_config: bool = typer.Option(
         False,
         "--print-config",
@@ -295,13 +320,26 @@ def train(
     model_overrides = {k: given[k] for k in model_fields if given[k] is not None}
     if monostable is not None:
         model_overrides["bistable"] = not monostable
+    model_overrides.update(_parse_sets(model_set or []))
+    if base is not None:
+        model_overrides["base_path"] = base
+    model_type = None
+    if arch is not None:
+        from mlx_kssm.models import ConfigError, model_type_for
+
+        try:
+            model_type = model_type_for(arch)
+        except ConfigError as err:
+            fail(str(err))
     if checkpoint is not None and not resume:
         fail(f"a CHECKPOINT ({checkpoint}) is only read with --resume")
     resume_from = (checkpoint or True) if resume else None
 
     console = Console(stderr=True)
     try:
-        train_args, model_args = resolve_args(preset, train_overrides, model_overrides, resume_from)
+        train_args, model_args = resolve_args(
+            preset, train_overrides, model_overrides, resume_from, model_type=model_type
+        )
         if print_config:
             _print_config(train_args, model_args)
             return
@@ -316,6 +354,21 @@ def train(
         raise typer.Exit(code=130) from None
 
 
+def _parse_sets(items: list[str]) -> dict:
+    """--set KEY=VALUE pairs; a VALUE that reads as JSON (3, 0.5, true, [16, 32]) is taken
+    as such, anything else as a string. Types are checked with the model's config."""
+    values = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            fail(f"--set {item[:40]!r}: expected KEY=VALUE, e.g. --set state_size=32")
+        try:
+            values[key.strip()] = json.loads(text)
+        except ValueError:
+            values[key.strip()] = text
+    return values
+
+
 def _print_config(train_args, model_args) -> None:
     """The resolved configuration, checked as a run would check it; lambda_reg resolved too
     (the model's default auxiliary weight when not given)."""
@@ -327,23 +380,6 @@ def _print_config(train_args, model_args) -> None:
     weight = aux_weight_for(train_args, build_model(model_args))  # lazy arrays: nothing computed
     train = {**train_args.to_dict(), "lambda_reg": weight}
     typer.echo(json.dumps({"train": train, "model": model_args.to_dict()}, indent=2))
-
-
-def plot(
-    run_dir: str = typer.Argument(..., metavar="RUN_DIR", help="A `kssm train` run folder."),
-    out: str | None = typer.Option(
-        None, "--out", help="Where to write the PNGs (default RUN_DIR/figures)."
-    ),
-) -> None:
-    """Draw a training run's figures: loss, R per layer, u and |det| per layer."""
-    from mlx_kssm.experiments.plots import plot_run
-
-    try:
-        paths = plot_run(run_dir, out)
-    except ValueError as err:
-        fail(_one_line(err))
-    for path in paths:
-        typer.echo(str(path))
 
 
 def _one_line(err: BaseException) -> str:

@@ -12,7 +12,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-from .models import model_args_from_config, presets
+from .models import complete_config, get_classes, model_args_from_config, presets
 from .models.kssm_v3 import PRESETS as MODEL_PRESETS
 from .models.kssm_v3 import ModelArgs
 
@@ -20,11 +20,19 @@ __all__ = ["MODEL_PRESETS", "ModelArgs", "TrainArgs", "model_args_for", "train_a
 
 
 def model_args_for(preset: str, model_type: str = "kssm_v3", **overrides: Any):
-    """The ModelArgs of ``model_type`` at a named size, with overrides (validated)."""
+    """The ModelArgs of ``model_type`` at a named size, with overrides (validated). An override
+    the architecture has no field for is an error, not silently dropped."""
     sizes = presets(model_type)
     if preset not in sizes:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(sizes)}")
-    return model_args_from_config({**sizes[preset], **overrides, "model_type": model_type})
+    _, args_class = get_classes(model_type)
+    fields = {f.name for f in dataclasses.fields(args_class)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        flag = "--" + unknown[0].replace("_", "-")
+        raise ValueError(f"{flag} ({unknown[0]}) does not apply to {model_type} models")
+    config = complete_config({**sizes[preset], **overrides, "model_type": model_type})
+    return model_args_from_config(config)
 
 
 @dataclass

@@ -15,6 +15,9 @@ from .base import BaseModelArgs, ConfigError
 
 # model_type -> module in this package. An explicit table, not an import of whatever name a
 # config.json holds: the config is user input.
+# Short names for the command line (kssm train --arch ssm).
+ARCH_NAMES: dict[str, str] = {"v3": "kssm_v3", "ssm": "kssm_ssm", "phase_mamba": "phase_mamba"}
+
 MODEL_TYPES: dict[str, str] = {
     "kssm_v3": "kssm_v3",
     "kssm_ssm": "kssm_ssm",
@@ -49,6 +52,23 @@ def build_model(config: dict[str, Any] | BaseModelArgs):
     args = model_args_from_config(config)
     model_class, _ = get_classes(args.model_type)
     return model_class(args)
+
+
+def model_type_for(arch: str) -> str:
+    """``--arch`` (a short name or a model_type) -> model_type; ConfigError when unknown."""
+    model_type = ARCH_NAMES.get(arch, arch)
+    if model_type not in MODEL_TYPES:
+        names = sorted(set(ARCH_NAMES) | set(MODEL_TYPES))
+        raise ConfigError(f"unknown --arch {arch!r:.40}; choose one of {', '.join(names)}")
+    return model_type
+
+
+def complete_config(config: dict[str, Any]) -> dict[str, Any]:
+    """What the architecture derives from the config before building (e.g. a Phase-Mamba's
+    vocabulary, read from its base); most architectures derive nothing."""
+    _, args_class = get_classes(config.get("model_type", "kssm_v3"))
+    module = importlib.import_module(args_class.__module__)
+    return module.complete_config(config) if hasattr(module, "complete_config") else config
 
 
 def presets(model_type: str) -> dict[str, dict[str, Any]]:

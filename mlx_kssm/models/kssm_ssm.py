@@ -56,7 +56,7 @@ class ModelArgs(BaseModelArgs):
     state_size: int = bounded(16, 1, 1024)  # N
     conv_kernel: int = bounded(4, 1, 64)  # K
     dt_rank: int = bounded(0, 0, 1 << 14)  # r; 0 = ceil(d / 16)
-    chunk_size: int = bounded(64, 1, 4096)  # positions per chunk of the training scan
+    chunk_size: int = bounded(0, 0, 4096)  # positions per chunk of the training scan; 0 = ~sqrt(L)
     oscillators: bool = True  # False: the control without oscillator banks
     n_oscillators: int = bounded(192, 1, 1 << 14)
     n_harmonics: int = bounded(32, 1, 1024)
@@ -153,7 +153,7 @@ class SelectiveSSM(nn.Module):
             )
             y = y[:, None]
         else:
-            y, h = ops.selective_scan(x_c, delta, A, B_t, C_t, self.D, h0, args.chunk_size)
+            y, h = ops.selective_scan(x_c, delta, A, B_t, C_t, self.D, h0, args.chunk_size or None)
         if cache is not None:
             cache[1] = h
         return self.out_proj(y * nn.silu(z)), mx.mean(delta, axis=(0, 1))

@@ -102,8 +102,19 @@ class ModelArgs(BaseModelArgs):
         )
 
 
-# A phase_mamba needs a base; presets name only the core's settings.
-PRESETS: dict[str, dict[str, Any]] = {"published": {}}
+# A phase_mamba's size is its base's; the presets (which also pick a training schedule) leave
+# the core's settings at their defaults.
+PRESETS: dict[str, dict[str, Any]] = {"published": {}, "small": {}, "tiny": {}}
+
+
+def complete_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Fill what the base decides (vocabulary, fingerprint) when a base_path is given and the
+    vocabulary is not, so that the data can be checked against it before a model is built."""
+    if config.get("base_path") and not config.get("vocab_size"):
+        fields = {k: v for k, v in config.items() if k not in ("model_type", "base_path")}
+        fields.pop("vocab_size", None)
+        return args_for_base(config["base_path"], **fields).to_dict()
+    return config
 
 
 def args_for_base(base_path: str | Path, **fields) -> ModelArgs:
