@@ -84,16 +84,7 @@ class ModelArgs(BaseModelArgs):
 
     @property
     def oscillator_args(self) -> OscillatorArgs:
-        return OscillatorArgs(
-            n_oscillators=self.n_oscillators,
-            n_harmonics=self.n_harmonics,
-            bistable=self.bistable,
-            u_min=self.u_min,
-            u_max=self.u_max,
-            train_noise=self.train_noise,
-            eval_noise=self.eval_noise,
-            phase_drive=self.phase_drive,
-        )
+        return OscillatorArgs.of(self)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

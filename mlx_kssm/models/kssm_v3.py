@@ -57,15 +57,7 @@ class ModelArgs(BaseModelArgs):
 
     @property
     def oscillator_args(self) -> OscillatorArgs:
-        return OscillatorArgs(
-            n_oscillators=self.n_oscillators,
-            n_harmonics=self.n_harmonics,
-            bistable=self.bistable,
-            u_min=self.u_min,
-            u_max=self.u_max,
-            train_noise=self.train_noise,
-            eval_noise=self.eval_noise,
-        )
+        return OscillatorArgs.of(self)
 
 
 # Model sizes by name. "published" is the paper's configuration; the others keep the

@@ -14,6 +14,7 @@ where a GPU kernel may replace them; this module holds the parameters and the wi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,13 @@ class OscillatorArgs:
     def n_features(self) -> int:
         """Width of the readout: Re Z_n, Im Z_n and |Z_n| for n = 1..H."""
         return 3 * self.n_harmonics
+
+    @classmethod
+    def of(cls, model_args) -> OscillatorArgs:
+        """The bank's settings taken from a model's ModelArgs (the fields of the same names;
+        those the model does not have keep their defaults)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: getattr(model_args, n) for n in names if hasattr(model_args, n)})
 
 
 class BistableKuramotoBank(nn.Module):
