@@ -150,6 +150,7 @@ def train(
 
     from mlx_kssm.config import TrainArgs
     from mlx_kssm.data import DataError
+    from mlx_kssm.distributed import resolve_on_main
     from mlx_kssm.tokenizer import TokenizerUnavailable
     from mlx_kssm.training import (
         TrainingInputError,
@@ -171,7 +172,9 @@ def train(
 
     console = Console(stderr=True)
     try:
-        train_args, model_args = resolve_args(preset, train_overrides, model_overrides, resume_from)
+        # Under mlx.launch rank 0 resolves (its machine holds the run folder); the others take it.
+        given_args = (preset, train_overrides, model_overrides, resume_from)
+        train_args, model_args = resolve_on_main(resolve_args, *given_args)
         run_training(train_args, model_args, resume=resume_from, console=console)
     except (TrainingInputError, DataError, TokenizerUnavailable) as err:
         fail(_one_line(err))
