@@ -150,7 +150,7 @@ def train(
 
     from mlx_kssm.config import TrainArgs
     from mlx_kssm.data import DataError
-    from mlx_kssm.distributed import resolve_on_main
+    from mlx_kssm.distributed_setup import resolve_on_main
     from mlx_kssm.tokenizer import TokenizerUnavailable
     from mlx_kssm.training import (
         TrainingInputError,

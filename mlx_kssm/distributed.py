@@ -1,28 +1,25 @@
 """Data-parallel training over ``mx.distributed``: everything that knows about ranks.
 
-``kssm train`` started by ``mlx.launch`` (or by hand with ``MLX_HOSTFILE`` and ``MLX_RANK``, or
-under ``mpirun``) joins the group of its ranks; alone, it is a group of one and nothing here
-communicates.
+``kssm train`` started by ``mlx.launch`` (or by hand: ``MLX_HOSTFILE`` + ``MLX_RANK``; or
+``mpirun``) joins its ranks' group; alone, it is a group of one and nothing here communicates.
 
-Sharding. A step of a w-rank run with ``--batch-size b --grad-accum a`` reads the w*a*b
-windows a single process reads at the same data position, as w*a micro-batches of b: rank r
-takes micro-batches r*a .. r*a + a - 1 of the step, and micro-batch g draws its phase noise
-from ``noise_key(seed, step, g)``. So every micro-batch is computed exactly as one process with
-``--grad-accum w*a`` computes it, the data order is addressed by position whatever w is, and a
-run can be resumed with another number of ranks.
+Sharding. A step of w ranks with ``--batch-size b --grad-accum a`` reads the w*a*b windows one
+process reads at that data position, as w*a micro-batches of b: rank r takes micro-batches
+r*a .. r*a + a - 1, and micro-batch g draws its phase noise from ``noise_key(seed, step, g)``.
+Each micro-batch is thus computed as one process with ``--grad-accum w*a`` computes it, and
+the data order is addressed by position whatever w is (a run may resume on other ranks).
 
-Reductions. The gradients and loss terms of a step are averaged over the ranks in one bucketed
-``nn.average_gradients`` (the numpy head's embedding gradient is part of them); evaluation
-batches are shared out and their sums added up. Every rank then holds the same numbers, so all
-of them take the same decisions (skip a non-finite step, stop a diverging run) without talking.
+Reductions. A step's gradients and loss terms are averaged in a bucketed
+``nn.average_gradients`` (the numpy head's embedding gradient is among them); evaluation
+batches are shared out and summed. Every rank then holds the same numbers and takes the same
+decisions (skip a non-finite step, stop a diverging run) without talking.
 
-Stopping together. Ctrl+C on any rank is agreed on by a small all-sum before each step and
+Stopping together. Ctrl+C on any rank is voted on (a small all-sum) before each step and
 between micro-batches. A rank that ends (an error, kill -9) closes its sockets: the others'
-next collective fails at once and becomes ``PeerLost``. A rank that stops answering without
-ending (frozen, a cut cable) would leave the others waiting forever inside a collective, so a
-watchdog thread ends a rank whose collective has not finished within ``KSSM_DIST_TIMEOUT``
-seconds (default 600; ``KSSM_DIST_SETUP_TIMEOUT``, default 3600, while connecting and
-preparing the data), with one line saying so.
+next collective fails at once, as ``PeerLost``. One that stops answering without ending
+(frozen, a cut cable) would hold the others inside a collective for ever, so a watchdog
+thread ends a rank whose collective outlasts ``KSSM_DIST_TIMEOUT`` s (default 600;
+``KSSM_DIST_SETUP_TIMEOUT``, default 3600, while connecting and preparing data), in one line.
 """
 
 from __future__ import annotations
@@ -87,14 +84,12 @@ class Watchdog:
                 armed = self._armed
             if armed is not None and time.monotonic() > armed[0]:
                 _, bound_s, what, env = armed
-                os.write(
-                    2,
-                    (
-                        f"error: {self.label}: no answer from the other ranks for {bound_s:g} s "
-                        f"during {what}: a rank is stuck or the network dropped; exiting "
-                        f"(set {env} to wait longer for slow ranks)\n"
-                    ).encode(),
+                line = (
+                    f"error: {self.label}: no answer from the other ranks for {bound_s:g} s "
+                    f"during {what}: a rank is stuck or the network dropped; exiting "
+                    f"(set {env} to wait longer for slow ranks)\n"
                 )
+                os.write(2, line.encode())
                 os._exit(WATCHDOG_EXIT_CODE)
 
 
@@ -172,7 +167,7 @@ class Ranks:
                 values[i] = value
         values = self._run(what, lambda: values)
         values = [_laid_out_like(v, local) for v, (_, local) in zip(values, flat, strict=True)]
-        return tree_unflatten([(k, v) for (k, _), v in zip(flat, values, strict=True)])
+        return _unflatten(flat, values)
 
     def sum(self, tree: Any, what: str) -> Any:
         """The tree summed over the ranks (in buckets: for small trees, as evaluation sums)."""
@@ -187,7 +182,7 @@ class Ranks:
             offsets = np.cumsum([values[i].size for i in bucket])[:-1].tolist()
             for i, part in zip(bucket, mx.split(total, offsets), strict=True):
                 summed[i] = part.reshape(values[i].shape)
-        return tree_unflatten([(k, v) for (k, _), v in zip(flat, summed, strict=True)])
+        return _unflatten(flat, summed)
 
     def broadcast(self, tree: Any, what: str) -> Any:
         """Rank 0's tree on every rank (the others pass a tree of the same structure, whose
@@ -201,7 +196,7 @@ class Ranks:
             value = flat[i][1] if self.main else mx.zeros_like(flat[i][1])
             total = mx.distributed.all_sum(value, group=self.group)
             sent[i] = self._run(what, lambda t=total: t, setup=True)
-        return tree_unflatten([(k, v) for (k, _), v in zip(flat, sent, strict=True)])
+        return _unflatten(flat, sent)
 
     def any(self, flag: bool, what: str) -> bool:
         """True on every rank when it is True on any."""
@@ -268,6 +263,10 @@ def _laid_out_like(value: mx.array, model: mx.array) -> mx.array:
     return mx.contiguous(value.transpose(order)).transpose(inverse)
 
 
+def _unflatten(flat: list[tuple[str, Any]], values: list[Any]) -> Any:
+    return tree_unflatten([(k, v) for (k, _), v in zip(flat, values, strict=True)])
+
+
 def _key_order(flat: list[tuple[str, Any]]) -> list[int]:
     """Positions of a flattened tree in key order: the same on every rank, whatever order
     its dicts were built in (a restored optimizer state's is not a fresh one's)."""
@@ -293,14 +292,12 @@ def _buckets(values: list[mx.array], order: list[int]) -> list[list[int]]:
 
 
 def _seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
+    raw = os.environ.get(name, "").strip()
     try:
-        value = float(raw)
+        value = float(raw) if raw else default
     except ValueError:
         value = -1.0
-    if not value > 0:
+    if not value > 0:  # also NaN
         raise TrainingInputError(f"{name}={raw!r}: give a number of seconds above 0")
     return value
 
@@ -312,9 +309,13 @@ _CURRENT: Ranks | None = None
 
 def launched_as_rank(environ=os.environ) -> bool:
     """Whether a launcher (mlx.launch, mpirun, a hand-made hostfile) started this process as
-    one of several ranks."""
-    if environ.get("MLX_HOSTFILE") is not None and not _hostfile_lists_peers(environ):
-        return False  # mlx.launch -n 1 writes an empty hostfile: a run on its own
+    one of several ranks. ``mlx.launch -n 1`` writes an empty hostfile: a process alone."""
+    try:
+        with open(environ["MLX_HOSTFILE"]) as f:
+            if not f.read().strip():
+                return False
+    except (KeyError, OSError):  # no hostfile, or one that init will report
+        pass
     return any(environ.get(name) for name in LAUNCHER_VARIABLES)
 
 
@@ -340,120 +341,3 @@ def current_ranks() -> Ranks:
             ) from None
     _CURRENT = Ranks(group, dog)
     return _CURRENT
-
-
-def _hostfile_lists_peers(environ) -> bool:
-    try:
-        with open(environ["MLX_HOSTFILE"]) as f:
-            return bool(f.read().strip())
-    except OSError:
-        return True  # let init report the unreadable file
-
-
-def resolve_on_main(resolve: Callable, *args: Any):
-    """``resolve(*args) -> (TrainArgs, ModelArgs)`` run by rank 0 alone (only its machine
-    need hold the run folder being resumed); the other ranks receive its result."""
-    from .config import TrainArgs
-    from .models import model_args_from_config
-
-    ranks = current_ranks()
-    if ranks.size == 1:
-        return resolve(*args)
-    payload = None
-    if ranks.main:
-        train, model = resolve(*args)  # a refusal ends rank 0; the others see it as PeerLost
-        payload = {"train": train.to_dict(), "model": model.to_dict()}
-    payload = ranks.broadcast_json(payload, "sending the run's arguments")
-    return TrainArgs.from_dict(payload["train"]), model_args_from_config(payload["model"])
-
-
-# --------------------------------------------------------------------------- a run's setup
-
-
-@contextlib.contextmanager
-def main_first(ranks: Ranks, what: str):
-    """Rank 0 does the block before the others do theirs (e.g. fill a token cache that ranks
-    on one machine share); a failure on rank 0 reaches the others as PeerLost."""
-    if not ranks.main:
-        ranks.barrier(what)
-    yield
-    if ranks.main:
-        ranks.barrier(what)
-
-
-def check_same_data(ranks: Ranks, data) -> None:
-    """Every rank must train on the same tokens: a different copy would silently make each
-    rank's shard come from a different corpus."""
-    from .data import DataError
-
-    head, tail = data.train[:65_536], data.train[-65_536:]
-    digest = hashlib.sha256(np.ascontiguousarray(head).tobytes())
-    digest.update(np.ascontiguousarray(tail).tobytes())
-    mine = f"{data.fingerprint} {data.train.size} {data.valid.size} {digest.hexdigest()}"
-    if not ranks.same_everywhere(mine, "comparing the ranks' data"):
-        raise DataError(
-            f"{ranks.label}: the ranks' training data differ (this rank's: "
-            f"{data.train.size:,} + {data.valid.size:,} tokens, fingerprint {data.fingerprint}); "
-            "give every machine the same --data"
-        )
-
-
-def sync_from_main(trainer) -> None:
-    """Rank 0's weights, optimizer state and loop state on every rank, where they differ (a
-    resume: rank 0 alone read the checkpoint; machines of different kinds). A fresh run's
-    weights, built from the seed, are usually equal everywhere and are then kept as built:
-    the same numbers received in a new buffer made the first step round differently."""
-    import dataclasses
-
-    ranks = trainer.dist
-    if ranks.size == 1:
-        return
-    model, optimizer = trainer.model, trainer.optimizer
-    optimizer.init(model.trainable_parameters())  # a restored state is kept; same tree everywhere
-    layout = [(k, v.shape, str(v.dtype)) for k, v in tree_flatten(model.parameters())]
-    layout += [(k, v.shape, str(v.dtype)) for k, v in tree_flatten(optimizer.state)]
-    layout.sort()
-    if not ranks.same_everywhere(json.dumps(layout), "comparing the ranks' models"):
-        raise TrainingStopped(
-            f"{ranks.label}: the ranks built different models or optimizer states; run the "
-            "same mlx-kssm version on every machine"
-        )
-    if not ranks.same_everywhere(_digest(model.parameters()), "comparing the ranks' weights"):
-        model.update(ranks.broadcast(model.parameters(), "sending rank 0's weights"))
-    if not ranks.same_everywhere(_digest(optimizer.state), "comparing the optimizer states"):
-        optimizer.state = ranks.broadcast(optimizer.state, "sending rank 0's optimizer state")
-    state = ranks.broadcast_json(dataclasses.asdict(trainer.state), "sending the loop state")
-    trainer.state = type(trainer.state)(**state)
-    mx.eval(model.parameters(), optimizer.state)
-
-
-def _digest(tree: Any) -> str:
-    digest = hashlib.sha256()
-    for key, value in sorted(tree_flatten(tree), key=lambda item: item[0]):
-        raw = value.view(mx.uint16) if value.dtype == mx.bfloat16 else value  # numpy has none
-        digest.update(key.encode())
-        digest.update(np.ascontiguousarray(np.array(raw)).tobytes())
-    return digest.hexdigest()
-
-
-class NullLog:
-    """The metrics log of a rank that does not write (every rank but 0)."""
-
-    def write(self, row: dict[str, Any]) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def follower_errors(ranks: Ranks):
-    """On ranks other than 0, a stop that rank 0 also takes (and explains) is reported in a
-    short line that points to rank 0's output instead of repeating or guessing its reasons."""
-    try:
-        yield
-    except PeerLost:
-        raise
-    except TrainingStopped:
-        if ranks.main:
-            raise
-        raise TrainingStopped(
-            f"{ranks.label}: stopped together with rank 0, whose output says why"
-        ) from None

@@ -20,11 +20,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .config import TrainArgs
-from .distributed import (
+from .distributed import PeerLost, current_ranks
+from .distributed_setup import (
     NullLog,
-    PeerLost,
     check_same_data,
-    current_ranks,
     follower_errors,
     main_first,
     sync_from_main,
