@@ -28,6 +28,8 @@ import contextlib
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -97,7 +99,7 @@ class Ranks:
     """This process's place in a data-parallel run: ``size`` ranks, this one ``rank``; rank 0
     (``main``) alone writes the run folder and prints. ``Ranks()`` is a process on its own."""
 
-    def __init__(self, group=None, watchdog: Watchdog | None = None):
+    def __init__(self, group=None):
         self.group = group
         self.size = group.size() if group is not None else 1
         self.rank = group.rank() if group is not None else 0
@@ -105,8 +107,7 @@ class Ranks:
         self.setup_timeout_s = _seconds(SETUP_TIMEOUT_ENV, DEFAULT_SETUP_TIMEOUT_S)
         self.watchdog = None
         if self.size > 1:
-            self.watchdog = watchdog or Watchdog(self.label)
-            self.watchdog.label = self.label
+            self.watchdog = Watchdog(self.label)
 
     @property
     def main(self) -> bool:
@@ -198,13 +199,12 @@ class Ranks:
             sent[i] = self._run(what, lambda t=total: t, setup=True)
         return _unflatten(flat, sent)
 
-    def any(self, flag: bool, what: str) -> bool:
+    def any(self, flag: bool, what: str, setup: bool = False) -> bool:
         """True on every rank when it is True on any."""
         if self.size == 1:
             return bool(flag)
-        total = self._run(
-            what, lambda: mx.distributed.all_sum(mx.array(int(flag)), group=self.group)
-        )
+        vote = mx.array(int(flag))
+        total = self._run(what, lambda: mx.distributed.all_sum(vote, group=self.group), setup)
         return int(total.item()) > 0
 
     def barrier(self, what: str) -> None:
@@ -329,15 +329,37 @@ def current_ranks() -> Ranks:
         _CURRENT = Ranks()
         return _CURRENT
     where = f"rank {os.environ.get('MLX_RANK', '?')}"
-    dog = Watchdog(where)
-    bound = _seconds(SETUP_TIMEOUT_ENV, DEFAULT_SETUP_TIMEOUT_S)
-    with dog.guard("connecting to the other ranks", bound, SETUP_TIMEOUT_ENV):
-        try:
-            group = mx.distributed.init(strict=True)
-        except (RuntimeError, ValueError) as err:
-            raise TrainingInputError(
-                f"{where}: cannot join the distributed run ({' '.join(str(err).split())}); "
-                "check MLX_HOSTFILE and MLX_RANK, or start every rank with mlx.launch"
-            ) from None
-    _CURRENT = Ranks(group, dog)
+    _seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)  # a bad value is refused before waiting
+    group = _join(where, _seconds(SETUP_TIMEOUT_ENV, DEFAULT_SETUP_TIMEOUT_S))
+    _CURRENT = Ranks(group)
     return _CURRENT
+
+
+# mx.distributed.init holds the GIL while it waits for the peers, so no thread of this process
+# can end it: a helper process does after ``bound`` seconds, unless its stdin closes first.
+_INIT_GUARD = """import os, select, signal, sys
+if not select.select([sys.stdin], [], [], float(sys.argv[1]))[0]:
+    sys.stderr.write(sys.argv[3]); sys.stderr.flush(); os.kill(int(sys.argv[2]), signal.SIGKILL)
+"""
+
+
+def _join(where: str, bound: float):
+    line = (
+        f"error: {where}: could not connect to the other ranks within {bound:g} s; check that "
+        "every rank was started, the hostfile's addresses and the firewall (set "
+        f"{SETUP_TIMEOUT_ENV} to wait longer)\n"
+    )
+    guard = subprocess.Popen(
+        [sys.executable, "-c", _INIT_GUARD, str(bound), str(os.getpid()), line],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        return mx.distributed.init(strict=True)
+    except (RuntimeError, ValueError) as err:
+        raise TrainingInputError(
+            f"{where}: cannot join the distributed run ({' '.join(str(err).split())}); "
+            "check MLX_HOSTFILE and MLX_RANK, or start every rank with mlx.launch"
+        ) from None
+    finally:
+        guard.stdin.close()
+        guard.wait()

@@ -24,6 +24,28 @@ from .distributed import PeerLost, Ranks, current_ranks
 from .trainer import TrainingStopped
 
 
+def together(ranks: Ranks, what: str, step: Callable[[], Any], main_only: bool = False) -> Any:
+    """``step()`` on every rank (or on rank 0 alone), then a vote: where it failed, every rank
+    stops at once, the failed ones with their own error, the others with a line pointing to
+    them (rather than finding a peer gone at their next collective). Alone: ``step()``."""
+    if ranks.size == 1:
+        return step()
+    result, error = None, None
+    if ranks.main or not main_only:
+        try:
+            result = step()
+        except Exception as err:  # noqa: BLE001  (re-raised below, after the vote)
+            error = err
+    if ranks.any(error is not None, what, setup=True):
+        if error is not None:
+            raise error
+        who = "rank 0" if main_only else "another rank"
+        raise TrainingStopped(
+            f"{ranks.label}: stopped because {who} failed while {what} (its output says why)"
+        )
+    return result
+
+
 def resolve_on_main(resolve: Callable, *args: Any):
     """``resolve(*args) -> (TrainArgs, ModelArgs)`` run by rank 0 alone (only its machine
     need hold the run folder being resumed); the other ranks receive its result."""
@@ -31,25 +53,14 @@ def resolve_on_main(resolve: Callable, *args: Any):
     from .models import model_args_from_config
 
     ranks = current_ranks()
+    resolved = together(ranks, "resolving the arguments", lambda: resolve(*args), main_only=True)
     if ranks.size == 1:
-        return resolve(*args)
-    payload = None
-    if ranks.main:
-        train, model = resolve(*args)  # a refusal ends rank 0; the others see it as PeerLost
-        payload = {"train": train.to_dict(), "model": model.to_dict()}
+        return resolved
+    payload = (
+        {"train": resolved[0].to_dict(), "model": resolved[1].to_dict()} if ranks.main else None
+    )
     payload = ranks.broadcast_json(payload, "sending the run's arguments")
     return TrainArgs.from_dict(payload["train"]), model_args_from_config(payload["model"])
-
-
-@contextlib.contextmanager
-def main_first(ranks: Ranks, what: str):
-    """Rank 0 does the block before the others do theirs (e.g. fill a token cache that ranks
-    on one machine share); a failure on rank 0 reaches the others as PeerLost."""
-    if not ranks.main:
-        ranks.barrier(what)
-    yield
-    if ranks.main:
-        ranks.barrier(what)
 
 
 def check_same_data(ranks: Ranks, data) -> None:
@@ -120,8 +131,8 @@ def follower_errors(ranks: Ranks):
         yield
     except PeerLost:
         raise
-    except TrainingStopped:
-        if ranks.main:
+    except TrainingStopped as err:
+        if ranks.main or str(err).startswith(ranks.label):  # already this rank's own line
             raise
         raise TrainingStopped(
             f"{ranks.label}: stopped together with rank 0, whose output says why"

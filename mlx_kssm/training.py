@@ -21,13 +21,7 @@ from mlx.utils import tree_flatten
 
 from .config import TrainArgs
 from .distributed import PeerLost, current_ranks
-from .distributed_setup import (
-    NullLog,
-    check_same_data,
-    follower_errors,
-    main_first,
-    sync_from_main,
-)
+from .distributed_setup import NullLog, check_same_data, follower_errors, sync_from_main, together
 from .models.base import BaseModelArgs
 from .progress import Meter, TrainProgress, format_eta, sayer
 from .run_folder import (
@@ -95,23 +89,30 @@ def _run_training(train_args, model_args, resume, console, dist) -> Path:
     args = absolute_paths(train_args)
     out = Path(args.out)
     check_args(args, model_args)
-    ckpt = None  # [dist] rank 0 alone reads and writes the run folder
-    if dist.main:
-        ckpt = _check_run_folder(args, model_args, resume, say)
-    dist.barrier("checking the run folder")  # [dist] rank 0's refusal ends the others at once
-    with main_first(dist, "preparing the data"):  # [dist] one rank fills a shared token cache
+
+    def prepare():
         data = prepare_tokens(resolve_source(args.data), console=console)
-    check_data(data, args, model_args)
+        check_data(data, args, model_args)
+        return data
+
+    # [dist] Rank 0 alone reads the run folder, and fills a token cache ranks may share
+    # before the others read it; a refusal anywhere stops every rank (alone: plain calls).
+    folder_check = lambda: _check_run_folder(args, model_args, resume, say)  # noqa: E731
+    ckpt = together(dist, "checking the run folder", folder_check, main_only=True)
+    data = together(dist, "preparing the data", prepare, main_only=True)
+    data = together(dist, "preparing the data", lambda: data if dist.main else prepare())
     check_same_data(dist, data)  # [dist]
 
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
     try:
-        lock = RunLock(out, console) if dist.main else contextlib.nullcontext()
-        with lock, StopRequest(console) as stop:
+        with contextlib.ExitStack() as held:  # [dist] (a with-statement, but rank 0 alone locks)
+            lock = lambda: held.enter_context(RunLock(out, console))  # noqa: E731
+            together(dist, "taking the lock", lock, main_only=True)
+            stop = held.enter_context(StopRequest(console))
             trainer = Trainer(args, model_args, data, out, say=say, dist=dist)
-            if ckpt is not None:
-                trainer.restore(ckpt)
+            restore = lambda: ckpt and trainer.restore(ckpt)  # noqa: E731
+            together(dist, "restoring the checkpoint", restore, main_only=True)
             sync_from_main(trainer)  # [dist] rank 0's weights, optimizer and loop state
             if trainer.state.step >= args.steps:
                 say(f"nothing to do: {ckpt} is at step {trainer.state.step} of {args.steps}")

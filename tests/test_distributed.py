@@ -294,3 +294,46 @@ def test_a_lost_rank_ends_the_other_with_one_line_in_bounded_time(
     else:  # nothing is closed: the watchdog ends the waiting rank
         assert TIMEOUT_S - 3 <= waited < TIMEOUT_S + 15, waited  # it may have been waiting
         assert last.startswith("error: rank 0 of 2: no answer from the other ranks for 8 s"), last
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def test_rank_0s_refusal_stops_rank_1_at_once_with_a_line_pointing_to_it(
+    token_data, tmp_path, launches
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = {"pid": os.getpid(), "host": os.uname().nodename, "since": "now"}  # a live one
+    (out / "train.lock").write_text(json.dumps(lock))
+    launch = launches([cli(token_data, out, "--steps", "4")] * 2)
+    assert launch.wait(60) == [2, 1], launch.errs()
+    assert "is being trained by pid" in launch.err(0).strip().splitlines()[-1]
+    assert launch.err(1).strip() == (
+        "error: rank 1 of 2: stopped because rank 0 failed while taking the lock "
+        "(its output says why)"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["train.lock"]
+
+
+def test_a_rank_whose_peers_never_come_ends_with_one_line(token_data, tmp_path):
+    """mx.distributed.init blocks, holding the GIL, until every rank has connected."""
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)]))
+    env = {**os.environ, "MLX_RANK": "0", "MLX_HOSTFILE": str(hostfile)}
+    env["KSSM_DIST_SETUP_TIMEOUT"] = "2"
+    started = time.time()
+    proc = subprocess.run(
+        cli(token_data, tmp_path / "run", "--steps", "2"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert time.time() - started < 30 and proc.returncode != 0
+    assert proc.stderr.strip() == (
+        "error: rank 0: could not connect to the other ranks within 2 s; check that every "
+        "rank was started, the hostfile's addresses and the firewall (set "
+        "KSSM_DIST_SETUP_TIMEOUT to wait longer)"
+    )
+    assert not (tmp_path / "run").exists()
