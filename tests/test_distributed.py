@@ -190,6 +190,19 @@ def test_a_process_without_a_launcher_is_alone_and_shards_nothing():
     assert ranks.mean(tree, "x") is tree and ranks.any(True, "x") and not ranks.any(False, "x")
 
 
+def test_a_resume_that_reads_another_batch_per_step_says_how_to_keep_it():
+    ranks = Ranks()
+    two_ranks = {"world": {"size": 2, "windows_per_step": 8}, "train_args": {}}
+    train, _ = args_for("unused", "unused", batch_size=4, grad_accum=2)
+    assert ranks.batch_change(two_ranks, train) is None  # 1 x 4 x 2 = 2 x 4 x 1
+    train, _ = args_for("unused", "unused", batch_size=4, grad_accum=1)
+    message = ranks.batch_change(two_ranks, train)
+    assert "read 8 windows per step; this one reads 4" in message
+    assert message.endswith("make ranks x batch x accumulation = 8")
+    older = {"train_args": {"batch_size": 4, "grad_accum": 1}}  # a checkpoint without "world"
+    assert ranks.batch_change(older, train) is None
+
+
 # --------------------------------------------------------------------------- equal numbers
 
 
