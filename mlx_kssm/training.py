@@ -273,7 +273,8 @@ def _run_config(trainer: Trainer, ckpt: Path | None) -> dict[str, Any]:
         "model": trainer.model_args.to_dict(),
         "aux_loss": {"name": trainer.aux_name, "weight": trainer.aux_weight},
         "n_params": n_params,
-        "tokens_per_step": trainer.tokens_per_step,
+        "tokens_per_step": trainer.tokens_per_step,  # over all ranks
+        "ranks": trainer.dist.size,  # [dist] data-parallel processes (mlx.launch)
         "data": {
             "source": meta.get("source"),
             "token_folder": str(trainer.data.folder),
