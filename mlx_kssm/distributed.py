@@ -207,11 +207,6 @@ class Ranks:
         total = self._run(what, lambda: mx.distributed.all_sum(vote, group=self.group), setup)
         return int(total.item()) > 0
 
-    def barrier(self, what: str) -> None:
-        """Wait (bounded by the setup timeout) until every rank is here."""
-        if self.size > 1:
-            self._run(what, lambda: mx.distributed.all_sum(mx.array(1), group=self.group), True)
-
     def broadcast_json(self, obj: Any, what: str) -> Any:
         """Rank 0's JSON-able object on every rank."""
         if self.size == 1:
