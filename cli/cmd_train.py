@@ -305,6 +305,7 @@ def train(
 
     from mlx_kssm.config import TrainArgs
     from mlx_kssm.data import DataError
+    from mlx_kssm.distributed_setup import resolve_on_main
     from mlx_kssm.tokenizer import TokenizerUnavailable
     from mlx_kssm.training import (
         TrainingInputError,
@@ -337,9 +338,9 @@ def train(
 
     console = Console(stderr=True)
     try:
-        train_args, model_args = resolve_args(
-            preset, train_overrides, model_overrides, resume_from, model_type=model_type
-        )
+        # Under mlx.launch rank 0 resolves (its machine holds the run folder); the others take it.
+        given_args = (preset, train_overrides, model_overrides, resume_from, model_type)
+        train_args, model_args = resolve_on_main(resolve_args, *given_args)
         if print_config:
             _print_config(train_args, model_args)
             return

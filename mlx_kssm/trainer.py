@@ -159,9 +159,18 @@ class Trainer:
     """One run: model, optimizer, data and loop state, and the files of the run folder."""
 
     def __init__(
-        self, args: TrainArgs, model_args: BaseModelArgs, data: TokenData, out: Path, say=print
+        self,
+        args: TrainArgs,
+        model_args: BaseModelArgs,
+        data: TokenData,
+        out: Path,
+        say=print,
+        dist=None,
     ):
+        from .distributed import Ranks  # (distributed.py imports this module)
+
         self.args, self.model_args, self.data, self.out = args, model_args, data, out
+        self.dist = dist or Ranks()  # [dist] this process's ranks; alone by default
         self.say = say  # one-line messages for the user
         self.train_windows = as_windows(data.train, args.seq_length)  # (n, L+1)
         valid = as_windows(data.valid, args.seq_length)
@@ -181,6 +190,9 @@ class Trainer:
         self.optimizer.state = load_optimizer_state(ckpt)
         saved = load_trainer_state(ckpt)
         self.state = LoopState.from_json(saved, self.args, self.data, self.say)
+        message = self.dist.batch_change(saved, self.args)  # [dist] another world size?
+        if message:
+            self.say(message)
 
     def build(self) -> None:
         """Initialise the optimizer state (kept where restored) and compile the step."""
@@ -196,7 +208,8 @@ class Trainer:
     # ---- one step
 
     def next_batch(self, micro: int) -> mx.array:
-        start = self.state.data_position + micro * self.args.batch_size
+        block = self.dist.micro_index(micro, self.args.grad_accum)  # [dist] this rank's share
+        start = self.state.data_position + block * self.args.batch_size
         ids = self.order.window_ids(start, self.args.batch_size)
         return mx.array(self.train_windows[ids])  # (B, L+1) int32
 
@@ -208,7 +221,7 @@ class Trainer:
         for micro in range(args.grad_accum):
             if micro > 0 and stop is not None and stop():
                 return None
-            key = noise_key(args.seed, step, micro)
+            key = noise_key(args.seed, step, self.dist.micro_index(micro, args.grad_accum))
             loss, (ce, aux, metrics), g = self.fns.micro_step(self.next_batch(micro), key)
             terms = {"loss": loss, "ce": ce, "aux": aux, "metrics": metrics}
             total = terms if total is None else tree_map(mx.add, total, terms)
@@ -217,6 +230,8 @@ class Trainer:
         if args.grad_accum > 1:
             total = tree_map(lambda t: t / args.grad_accum, total)
             grads = tree_map(lambda g: g / args.grad_accum, grads)
+        # [dist] the mean over the ranks (the numpy head's dE is in grads): same on every rank
+        total, grads = self.dist.mean((total, grads), f"the gradient all-reduce of step {step + 1}")
         return total, grads
 
     def train_step(self, stop=None) -> dict[str, Any] | None:
@@ -243,7 +258,7 @@ class Trainer:
         metrics["skipped"] = not finite
         metrics["lr"] = float(self.optimizer.state["learning_rate"])
         self.state.step += 1
-        self.state.data_position += self.args.grad_accum * self.args.batch_size
+        self.state.data_position += self.dist.windows_per_step(self.args)  # [dist] all ranks'
         self.state.tokens_seen += self.tokens_per_step
         return metrics
 
@@ -253,7 +268,7 @@ class Trainer:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.args.grad_accum * self.args.batch_size * self.args.seq_length
+        return self.dist.windows_per_step(self.args) * self.args.seq_length  # [dist] all ranks'
 
     # ---- evaluation
 
@@ -264,6 +279,8 @@ class Trainer:
         try:
             sums, n_tokens, n_batches = None, 0, 0
             for i, start in enumerate(range(0, len(self.eval_windows), self.args.batch_size)):
+                if not self.dist.owns(i):  # [dist] each rank its share of the batches
+                    continue
                 batch = mx.array(self.eval_windows[start : start + self.args.batch_size])
                 key = noise_key(self.args.seed, 1, i)
                 ce_sum, aux, metrics = self.fns.eval_batch(batch, key)
@@ -272,7 +289,9 @@ class Trainer:
                 mx.eval(sums)
                 n_tokens += batch.shape[0] * (batch.shape[1] - 1)
                 n_batches += 1
-            sample = self.sample_text()
+            if self.dist.size > 1:  # [dist] the sums over all ranks' batches
+                sums, n_tokens, n_batches = self._sum_over_ranks(sums, n_tokens, n_batches)
+            sample = self.sample_text() if self.dist.main else ""  # [dist] rank 0 logs it
         finally:
             self.model.train()
         ce = float(sums["ce"]) / n_tokens
@@ -289,6 +308,16 @@ class Trainer:
             "val_tokens": n_tokens,
             "sample": sample,
         }
+
+    def _sum_over_ranks(self, sums, n_tokens: int, n_batches: int):
+        """[dist] A rank with no batch of its own (fewer batches than ranks) adds zeros."""
+        if sums is None:
+            batch = mx.array(self.eval_windows[: self.args.batch_size])
+            ce, aux, metrics = self.fns.eval_batch(batch, None)
+            sums = tree_map(mx.zeros_like, {"ce": ce, "aux": aux, "metrics": metrics})
+        counts = mx.array([n_tokens, n_batches])
+        sums, counts = self.dist.sum((sums, counts), f"the evaluation of step {self.state.step}")
+        return sums, int(counts[0].item()), int(counts[1].item())
 
     def sample_text(self) -> str:
         """A continuation of the first validation window's opening tokens (same key each time,
@@ -311,8 +340,11 @@ class Trainer:
         """RUN/checkpoints/step_<step>/, then the ones beyond ``keep_last`` are dropped. A
         failed write (disk full) leaves the previous checkpoints as they were."""
         target = checkpoint_path(self.out, self.state.step)
+        if not self.dist.main:  # [dist] rank 0 alone writes the run folder
+            return target
         try:
             state = self.state.to_json(self.args, self.data)
+            state["world"] = self.dist.world_record(self.args)  # [dist] for a resume's message
             save_training_checkpoint(target, self.model, self.optimizer.state, state)
         except OSError as err:
             kept = checkpoint_dirs(self.out)
@@ -325,5 +357,7 @@ class Trainer:
         return target
 
     def save_best(self, row: dict[str, Any]) -> None:
+        if not self.dist.main:  # [dist] rank 0 alone writes the run folder
+            return
         info = {k: v for k, v in row.items() if k.startswith("val_") and isinstance(v, float)}
         save_best(self.out, self.model, {"step": row["step"], **info})

@@ -10,6 +10,7 @@ checkpoint is written during a streak, so the last checkpoint holds finite weigh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .config import TrainArgs
+from .distributed import PeerLost, current_ranks
+from .distributed_setup import NullLog, check_same_data, follower_errors, sync_from_main, together
 from .models.base import BaseModelArgs
 from .progress import Meter, TrainProgress, format_eta, sayer
 from .run_folder import (
@@ -27,6 +30,7 @@ from .run_folder import (
     MetricsLog,
     checkpoint_dirs,
     checkpoint_path,
+    load_trainer_state,
     remove_leftovers,
     write_json,
 )
@@ -73,12 +77,67 @@ def run_training(
     (metrics.jsonl is written either way). Raises TrainingInputError / DataError for bad
     input (nothing written), TrainingStopped when the run cannot go on.
     """
+    dist = current_ranks()  # [dist] alone unless a launcher started this process as a rank
+    with follower_errors(dist):
+        return _run_training(train_args, model_args, resume, console if dist.main else None, dist)
+
+
+def _run_training(train_args, model_args, resume, console, dist) -> Path:
     from .data import prepare_tokens, resolve_source
 
     say = sayer(console)
     args = absolute_paths(train_args)
     out = Path(args.out)
     check_args(args, model_args)
+
+    def prepare():
+        data = prepare_tokens(resolve_source(args.data), console=console)
+        check_data(data, args, model_args)
+        return data
+
+    # [dist] Rank 0 alone reads the run folder, and fills a token cache ranks may share
+    # before the others read it; a refusal anywhere stops every rank (alone: plain calls).
+    folder_check = lambda: _check_run_folder(args, model_args, resume, say)  # noqa: E731
+    ckpt = together(dist, "checking the run folder", folder_check, main_only=True)
+    data = together(dist, "preparing the data", prepare, main_only=True)
+    data = together(dist, "preparing the data", lambda: data if dist.main else prepare())
+    check_same_data(dist, data)  # [dist]
+
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        with contextlib.ExitStack() as held:  # [dist] (a with-statement, but rank 0 alone locks)
+            lock = lambda: held.enter_context(RunLock(out, console))  # noqa: E731
+            together(dist, "taking the lock", lock, main_only=True)
+            stop = held.enter_context(StopRequest(console))
+            trainer = Trainer(args, model_args, data, out, say=say, dist=dist)
+            restore = lambda: ckpt and trainer.restore(ckpt)  # noqa: E731
+            together(dist, "restoring the checkpoint", restore, main_only=True)
+            sync_from_main(trainer)  # [dist] rank 0's weights, optimizer and loop state
+            if trainer.state.step >= args.steps:
+                say(f"nothing to do: {ckpt} is at step {trainer.state.step} of {args.steps}")
+                return out
+            if dist.main:
+                remove_leftovers(out)
+            trainer.build()
+            log = NullLog()
+            if dist.main:
+                write_json(out / CONFIG_FILE, _run_config(trainer, ckpt))
+                log = MetricsLog(out / METRICS_NAME, keep_until=trainer.state.step if ckpt else -1)
+            start = {"kind": "resume" if ckpt else "start", "step": trainer.state.step}
+            log.write({**start, "time": _now(), "from": str(ckpt) if ckpt else None})
+            try:
+                _loop(trainer, log, stop, console)
+            except PeerLost as err:  # [dist] another rank is gone
+                raise _after_lost_rank(trainer, log, err) from None
+    except RunLocked as err:
+        raise TrainingInputError(str(err)) from None
+    return out
+
+
+def _check_run_folder(args: TrainArgs, model_args: BaseModelArgs, resume, say) -> Path | None:
+    """The checkpoint to resume (None for a fresh run), once the run folder is fit for it."""
+    out = Path(args.out)
     check_writable(out)
     ckpt = find_checkpoint(resume, out, say) if resume else None
     if ckpt is None and checkpoint_dirs(out):
@@ -100,39 +159,22 @@ def run_training(
                 f"{out} has checkpoints after {ckpt.name} ({', '.join(newer)}); to branch "
                 f"from {ckpt.name}, resume it into another --out"
             )
-    data = prepare_tokens(resolve_source(args.data), console=console)
-    check_data(data, args, model_args)
-
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        lock = RunLock(out, console)
-        with lock, StopRequest(console) as stop:
-            trainer = Trainer(args, model_args, data, out, say=say)
-            if ckpt is not None:
-                trainer.restore(ckpt)
-            if trainer.state.step >= args.steps:
-                say(f"nothing to do: {ckpt} is at step {trainer.state.step} of {args.steps}")
-                return out
-            remove_leftovers(out)
-            trainer.build()
-            write_json(out / CONFIG_FILE, _run_config(trainer, ckpt))
-            log = MetricsLog(out / METRICS_NAME, keep_until=trainer.state.step if ckpt else -1)
-            start = {"kind": "resume" if ckpt else "start", "step": trainer.state.step}
-            log.write({**start, "time": _now(), "from": str(ckpt) if ckpt else None})
-            _loop(trainer, log, stop, console)
-    except RunLocked as err:
-        raise TrainingInputError(str(err)) from None
-    return out
+    return ckpt
 
 
 def _loop(trainer: Trainer, log: MetricsLog, stop: StopRequest, console) -> None:
     args, state = trainer.args, trainer.state
     meter = Meter()
     last_saved, first_step = state.step, state.step
+
+    def stopping() -> bool:  # [dist] asked by every rank at the same points: any one stops all
+        stop.requested = trainer.dist.any(stop.requested, f"the stop vote of step {state.step + 1}")
+        return stop.requested
+
     with TrainProgress(console, state.step, args.steps, trainer.aux_name) as bar:
-        while state.step < args.steps and not stop.requested:
+        while state.step < args.steps and not stopping():
             started = time.perf_counter()
-            metrics = trainer.train_step(stop=lambda: stop.requested)
+            metrics = trainer.train_step(stop=stopping)
             if metrics is None:  # Ctrl+C between micro-batches: the step is dropped
                 break
             seconds = time.perf_counter() - started
@@ -167,6 +209,23 @@ def _loop(trainer: Trainer, log: MetricsLog, stop: StopRequest, console) -> None
     else:
         best = f"best val CE {state.best_val_ce:.4f} at step {state.best_step}"
         trainer.say(f"done: step {state.step}, {best}; run folder {trainer.out}")
+
+
+def _after_lost_rank(trainer: Trainer, log: MetricsLog, lost: PeerLost) -> PeerLost:
+    """[dist] Every rank's weights are those of the last completed update (a step is applied
+    only after all its collectives succeeded): rank 0 saves them, unless in a non-finite
+    streak, and says how to go on."""
+    state, out = trainer.state, trainer.out
+    if not trainer.dist.main:
+        return lost
+    kept = checkpoint_dirs(out)
+    last_saved = load_trainer_state(kept[-1]).get("step", -1) if kept else -1
+    if state.step > last_saved and state.nonfinite_in_row == 0:
+        trainer.save_checkpoint()
+        kept, last_saved = checkpoint_dirs(out), state.step
+    log.write({"kind": "stop", "step": state.step, "reason": "lost a rank", "time": _now()})
+    where = f"the newest checkpoint is {kept[-1]}" if kept else "no checkpoint was written"
+    return PeerLost(f"{lost}; {where}. Continue with: kssm train --resume --out {out}")
 
 
 def _warn_if_long(trainer: Trainer, seconds: float) -> None:
@@ -214,7 +273,8 @@ def _run_config(trainer: Trainer, ckpt: Path | None) -> dict[str, Any]:
         "model": trainer.model_args.to_dict(),
         "aux_loss": {"name": trainer.aux_name, "weight": trainer.aux_weight},
         "n_params": n_params,
-        "tokens_per_step": trainer.tokens_per_step,
+        "tokens_per_step": trainer.tokens_per_step,  # over all ranks
+        "ranks": trainer.dist.size,  # [dist] data-parallel processes (mlx.launch)
         "data": {
             "source": meta.get("source"),
             "token_folder": str(trainer.data.folder),
