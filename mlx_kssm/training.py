@@ -100,7 +100,10 @@ def run_training(
                 f"{out} has checkpoints after {ckpt.name} ({', '.join(newer)}); to branch "
                 f"from {ckpt.name}, resume it into another --out"
             )
-    data = prepare_tokens(resolve_source(args.data), console=console)
+    from .tokenizer import tokenizer_for
+
+    tokenizer = lambda: tokenizer_for(model_args)  # noqa: E731  (looked for only if needed)
+    data = prepare_tokens(resolve_source(args.data), console=console, tokenizer=tokenizer)
     check_data(data, args, model_args)
 
     out.mkdir(parents=True, exist_ok=True)
