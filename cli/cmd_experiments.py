@@ -56,7 +56,12 @@ def intervene(
         str, typer.Option("--layers", help="Layers to force: 'all' or indices (0,3).")
     ] = "all",
     mode: Annotated[
-        str, typer.Option("--mode", help="phases: move the phases; omega: scale omega_0.")
+        str,
+        typer.Option(
+            "--mode",
+            help="phases: move the phases to R exactly; omega: scale omega_0 (K-SSM); "
+            "pattern: the original Phase-Mamba's phase pattern (approximate R).",
+        ),
     ] = "phases",
     prompts: PromptsOpt = None,
     text: Annotated[
@@ -86,6 +91,7 @@ def intervene(
     """Force R in the forward pass and test whether the output changes (free model = control).
     A change is declared where an effect reaches its minimum and its test passes."""
     from mlx_kssm.experiments import intervene as exp
+    from mlx_kssm.experiments.interventions import check_mode
     from mlx_kssm.experiments.report import attach_text
     from mlx_kssm.experiments.report_intervene import intervene_markdown, print_intervene
     from mlx_kssm.experiments.sampling import DEFAULT_PROMPTS
@@ -104,6 +110,10 @@ def intervene(
     net = load_model(model)
     if net.n_banks == 0:
         fail(f"{model} has no oscillators (a {net.args.model_type} model): nothing to force")
+    try:
+        check_mode(net, mode)
+    except ValueError as err:
+        fail(str(err))
     tokenizer = model_tokenizer(net, model)
     try:
         settings = exp.InterveneSettings(
