@@ -12,7 +12,9 @@ from .errors import fail
 
 def convert(
     src: Path = typer.Argument(
-        ..., help="A torch .pt checkpoint, or a run folder (its newest checkpoint_<step>.pt)."
+        ...,
+        help="A torch .pt checkpoint, or a run folder (its newest checkpoint_<step>.pt or "
+        "step_<step>.pt).",
     ),
     out_dir: Path = typer.Argument(..., help="Folder to write config.json + model.safetensors."),
     monostable: bool = typer.Option(
