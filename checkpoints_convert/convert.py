@@ -26,6 +26,7 @@ from ..config import ModelArgs
 from ..io import CONFIG_NAME, WEIGHTS_NAME, write_model_files
 from ..models import build_model
 from ..run_folder import OPTIMIZER_NAME, TRAINER_STATE_NAME
+from .phase_mamba_rules import is_phase_mamba_checkpoint
 from .pickle_guard import clip, describe
 from .torch_zip import CheckpointError, TensorRef, read_checkpoint
 from .training_state import NotContinuable, TrainingState, convert_training_state
@@ -46,7 +47,8 @@ KNOWN_KEYS = {
 }
 # What a conversion writes; --force only ever replaces a folder holding nothing else.
 OUTPUT_FILES = {CONFIG_NAME, WEIGHTS_NAME, OPTIMIZER_NAME, TRAINER_STATE_NAME}
-_CHECKPOINT_FILE = re.compile(r"checkpoint_(\d+)\.pt")
+# checkpoint_<step>.pt: K-SSM v3's; step_<step>.pt: Phase-Mamba's (train_phase_mamba.py).
+_CHECKPOINT_FILE = re.compile(r"(?:checkpoint|step)_(\d+)\.pt")
 _PLAUSIBLE_WEIGHT = 1e4  # no trained K-SSM weight is this large; byte-swapped ones often are
 
 
@@ -74,8 +76,12 @@ def convert(
     monostable: bool = False,
     dtype: str | None = None,
     force: bool = False,
+    base: str | Path | None = None,
+    hook_layers: list[int] | None = None,
 ) -> ConvertReport:
-    """Convert ``src`` (a .pt file or a run folder) into the model folder ``out_dir``.
+    """Convert ``src`` (a .pt file or a run folder) into the model folder ``out_dir``. An
+    original Phase-Mamba checkpoint (phase_convert.py) needs ``base``, the mlx-lm Mamba its
+    core was trained on, and may name the ``hook_layers``.
 
     Raises CheckpointError with a one-line message for any bad input; nothing is written then.
     """
@@ -88,6 +94,28 @@ def convert(
     check_out_dir(out_dir, force)
 
     root = read_checkpoint(source)
+    if is_phase_mamba_checkpoint(root):
+        from .phase_convert import convert_phase_mamba
+
+        if monostable:
+            raise CheckpointError(
+                f"{source} is a Phase-Mamba checkpoint; --monostable is for K-SSM v3"
+            )
+        return convert_phase_mamba(
+            root,
+            source,
+            out_dir,
+            base,
+            dtype=dtype,
+            force=force,
+            hook_layers=hook_layers,
+            notes=notes,
+        )
+    if base is not None or hook_layers is not None:
+        raise CheckpointError(
+            f"{source} is not a Phase-Mamba checkpoint (no phase_core_state): --base and "
+            "--hook-layers are for those; leave them out"
+        )
     model_state, layout_notes = split_layout(root, source)
     notes += layout_notes
     refs = model_weights(model_state, source)
@@ -136,7 +164,8 @@ def convert(
 
 
 def resolve_source(src: Path) -> tuple[Path, list[str]]:
-    """A .pt file, or a run folder's newest ``checkpoint_<step>.pt`` (said in the notes).
+    """A .pt file, or a run folder's newest ``checkpoint_<step>.pt`` or ``step_<step>.pt``
+    (said in the notes).
 
     A run folder without numbered checkpoints falls back to final_model.pt, then best_model.pt.
     """
@@ -150,7 +179,8 @@ def resolve_source(src: Path) -> tuple[Path, list[str]]:
         if (src / name).is_file():
             return src / name, [f"{src} is a run folder without checkpoint_<step>.pt: using {name}"]
     raise CheckpointError(
-        f"{src} is a folder without checkpoint_<step>.pt, final_model.pt or best_model.pt"
+        f"{src} is a folder without checkpoint_<step>.pt, step_<step>.pt, final_model.pt or "
+        "best_model.pt"
     )
 
 

@@ -29,7 +29,9 @@ from .common import (
     default_report_path,
     encode_prompts,
     load_model,
+    model_tokenizer,
     read_prompts,
+    same_tokenizer,
     stop_tokens,
     write_outputs,
 )
@@ -54,7 +56,12 @@ def intervene(
         str, typer.Option("--layers", help="Layers to force: 'all' or indices (0,3).")
     ] = "all",
     mode: Annotated[
-        str, typer.Option("--mode", help="phases: move the phases; omega: scale omega_0.")
+        str,
+        typer.Option(
+            "--mode",
+            help="phases: move the phases to R exactly; omega: scale omega_0 (K-SSM); "
+            "pattern: the original Phase-Mamba's phase pattern (approximate R).",
+        ),
     ] = "phases",
     prompts: PromptsOpt = None,
     text: Annotated[
@@ -84,10 +91,10 @@ def intervene(
     """Force R in the forward pass and test whether the output changes (free model = control).
     A change is declared where an effect reaches its minimum and its test passes."""
     from mlx_kssm.experiments import intervene as exp
+    from mlx_kssm.experiments.interventions import check_mode
     from mlx_kssm.experiments.report import attach_text
     from mlx_kssm.experiments.report_intervene import intervene_markdown, print_intervene
     from mlx_kssm.experiments.sampling import DEFAULT_PROMPTS
-    from mlx_kssm.generate import decode_tokens
 
     try:
         targets = exp.parse_targets(force_r)
@@ -101,6 +108,13 @@ def intervene(
     check_outputs(**{"--json": json_out, "--report": report})
     prompt_texts = read_prompts(None, prompts, list(DEFAULT_PROMPTS))
     net = load_model(model)
+    if net.n_banks == 0:
+        fail(f"{model} has no oscillators (a {net.args.model_type} model): nothing to force")
+    try:
+        check_mode(net, mode)
+    except ValueError as err:
+        fail(str(err))
+    tokenizer = model_tokenizer(net, model)
     try:
         settings = exp.InterveneSettings(
             targets=targets,
@@ -119,15 +133,15 @@ def intervene(
         )
     except ValueError as err:
         fail(str(err))
-    encoded = encode_prompts(net, prompt_texts)
-    eval_ids, source = _eval_tokens(net, text, prompt_texts)
+    encoded = encode_prompts(net, prompt_texts, tokenizer)
+    eval_ids, source = _eval_tokens(net, text, prompt_texts, tokenizer)
     out = console()
     with _ProgressBars(out) as bars:
         result = exp.run_intervention(
-            net, encoded, eval_ids, settings, stop_tokens(), progress=out.log, advance=bars.advance
+            net, encoded, eval_ids, settings, stop_tokens(tokenizer), out.log, bars.advance
         )
     result["model"], result["eval_source"] = str(model), source
-    attach_text(result, decode_tokens, prompt_texts)
+    attach_text(result, tokenizer.decode, prompt_texts)
     print_intervene(result, out)
     write_outputs(result, json_out, report, intervene_markdown(result, str(model)))
 
@@ -163,10 +177,9 @@ class _ProgressBars:
         self.progress.update(self.tasks[phase], completed=done)
 
 
-def _eval_tokens(model, text: Path | None, prompts: list[str]) -> tuple[list[int], str]:
+def _eval_tokens(model, text: Path | None, prompts: list[str], tokenizer) -> tuple[list[int], str]:
     """Teacher-forced tokens: --text, else the packaged valid split, else the prompts."""
     from mlx_kssm.experiments.intervene import packaged_eval_text
-    from mlx_kssm.tokenizer import encode
 
     path = text if text is not None else packaged_eval_text()
     if path is None:
@@ -176,7 +189,7 @@ def _eval_tokens(model, text: Path | None, prompts: list[str]) -> tuple[list[int
             body, source = path.read_text(encoding="utf-8"), str(path)
         except (OSError, UnicodeDecodeError) as err:
             fail(f"cannot read --text {path}: {err}")
-    ids = encode(body)
+    ids = tokenizer.encode(body)
     if len(ids) < 2:
         fail(f"the teacher-forced text ({source}) has fewer than 2 tokens")
     if max(ids) >= model.args.vocab_size:
@@ -216,7 +229,6 @@ def compare(
     from mlx_kssm.experiments.compare import CompareSettings, run_comparison
     from mlx_kssm.experiments.report import attach_text, compare_markdown, print_compare
     from mlx_kssm.experiments.sampling import DEFAULT_PROMPTS
-    from mlx_kssm.generate import decode_tokens
 
     try:
         settings = CompareSettings(
@@ -237,13 +249,19 @@ def compare(
     check_outputs(**{"--json": json_out, "--report": report})
     prompt_texts = read_prompts(None, prompts, list(DEFAULT_PROMPTS))
     nets = {"A": load_model(model_a), "B": load_model(model_b)}
-    encoded = encode_prompts(nets["A"], prompt_texts)
-    encode_prompts(nets["B"], prompt_texts)  # the prompts must fit both models
+    tokenizer = same_tokenizer(
+        {
+            "MODEL_A": model_tokenizer(nets["A"], model_a),
+            "MODEL_B": model_tokenizer(nets["B"], model_b),
+        }
+    )
+    encoded = encode_prompts(nets["A"], prompt_texts, tokenizer)
+    encode_prompts(nets["B"], prompt_texts, tokenizer)  # the prompts must fit both models
     out = console()
-    result = run_comparison(nets, encoded, settings, stop_tokens(), progress=out.log)
+    result = run_comparison(nets, encoded, settings, stop_tokens(tokenizer), progress=out.log)
     for entry, path in zip(result["models"], (model_a, model_b), strict=True):
         entry["path"] = str(path)
-    attach_text(result, decode_tokens, prompt_texts)
+    attach_text(result, tokenizer.decode, prompt_texts)
     print_compare(result, out)
     write_outputs(result, json_out, report, compare_markdown(result))
 

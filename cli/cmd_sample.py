@@ -20,6 +20,7 @@ from .common import (
     console,
     encode_text,
     load_model,
+    model_tokenizer,
     read_prompts,
     stop_tokens,
     write_outputs,
@@ -57,7 +58,7 @@ def sample(
 ) -> None:
     """Stream generated text; stops at end-of-text, max-tokens, or the model's last position."""
     from mlx_kssm.experiments.model_api import generate_rows, mixes_sequence
-    from mlx_kssm.generate import decode_tokens, generation_record, make_sampler
+    from mlx_kssm.generate import generation_record, make_sampler
 
     check_sampling(temp, top_k, top_p)
     if max_tokens < 1:
@@ -69,14 +70,15 @@ def sample(
     check_outputs(**{"--json": json_out})
     texts = read_prompts(prompt, prompts, [""]) if ids is None else []
     net = load_model(model)
+    tokenizer = model_tokenizer(net, model)
     if ids is not None:  # checked against the vocabulary before anything decodes them
         vocab = net.args.vocab_size
         outside = [t for t in ids if not 0 <= t < vocab]
         if outside:
             fail(f"--prompt-ids: {outside[0]} is not a token id of this model (0..{vocab - 1})")
         check_prompt_tokens(net, ids, "--prompt-ids")
-        texts = [decode_tokens(ids)]
-    encoded = [ids] if ids is not None else [_encode(net, text) for text in texts]
+        texts = [tokenizer.decode(ids)]
+    encoded = [ids] if ids is not None else [_encode(net, text, tokenizer) for text in texts]
     out = console()
     if not mixes_sequence(net):
         typer.echo(NO_MIXING_NOTE, err=True)
@@ -85,18 +87,22 @@ def sample(
     for text, tokens in zip(texts, encoded, strict=True):
         check_prompt_tokens(net, tokens, f"prompt {text[:40]!r}")
         typer.secho(text, nl=False, dim=True)
-        printer = _TokenPrinter(show_r)
+        printer = _TokenPrinter(show_r, tokenizer, tones=_has_tones(net))
+        stop = stop_tokens(tokenizer)
         (gen,) = generate_rows(
-            net, tokens, sampler, max_tokens, seed=seed, stop_tokens=stop_tokens(), on_token=printer
+            net, tokens, sampler, max_tokens, seed=seed, stop_tokens=stop, on_token=printer
         )
         printer.finish()
-        record = generation_record(gen)
+        record = generation_record(gen, tokenizer)
+        if printer.tones:
+            for step in record["steps"]:
+                step["tone"] = tone(step["R_mean"])
         record["prompt"] = text
         if show_r:  # the table above is per token; here is the text it makes
             typer.echo(text + record["text"])
         records.append(record)
         out.print(
-            _summary_line(record, net.args.max_positions), style="dim", markup=False, soft_wrap=True
+            _summary_line(record, net.max_positions), style="dim", markup=False, soft_wrap=True
         )
     settings = dict(model=str(model), temp=temp, top_k=top_k, top_p=top_p, max_tokens=max_tokens)
     write_outputs({"settings": {**settings, "seed": seed}, "generations": records}, json_out)
@@ -112,20 +118,17 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def _encode(model, text: str) -> list[int]:
+def _encode(model, text: str, tokenizer) -> list[int]:
     """A text prompt's tokens; an empty one starts a document: from end-of-text where the
     model's vocabulary has it, else from token 0 (said on stderr)."""
-    from mlx_kssm.generate import decode_tokens
-    from mlx_kssm.tokenizer import eot_token
-
-    tokens = encode_text(text)
-    vocab = model.args.vocab_size
+    tokens = encode_text(text, tokenizer)
+    vocab, eot = model.args.vocab_size, tokenizer.eot
     if not tokens:
-        if eot_token() < vocab:
-            return [eot_token()]
+        if eot < vocab:
+            return [eot]
         typer.echo(
-            f"note: starting from token 0 ({decode_tokens([0])!r}): the end-of-text token "
-            f"{eot_token()} is outside this model's vocabulary of {vocab}; choose the start "
+            f"note: starting from token 0 ({tokenizer.decode([0])!r}): the end-of-text token "
+            f"{eot} is outside this model's vocabulary of {vocab}; choose the start "
             "with --prompt-ids",
             err=True,
         )
@@ -139,13 +142,24 @@ def _encode(model, text: str) -> list[int]:
     return tokens
 
 
+def _has_tones(model) -> bool:
+    """The Phase-Mamba paper's tones are read from its cores' R."""
+    return model.args.model_type == "phase_mamba"
+
+
+def tone(R: float | None) -> str | None:
+    from mlx_kssm.models.phase_tones import tone_of
+
+    return None if R is None else tone_of(R)
+
+
 class _TokenPrinter:
-    """Streams text as tokens arrive; with --show-r one line per token with R and U."""
+    """Streams text as tokens arrive; with --show-r one line per token with R (per bank and
+    mean; a Phase-Mamba's tone beside it) and U. A model without oscillators shows U only."""
 
-    def __init__(self, show_r: bool):
-        from mlx_kssm.generate import TextStream
-
-        self.show_r, self.stream, self.index = show_r, TextStream(), 0
+    def __init__(self, show_r: bool, tokenizer, tones: bool = False):
+        self.show_r, self.stream, self.index = show_r, tokenizer.stream(), 0
+        self.tones = tones
 
     def __call__(self, row: int, token: int, R_layers: list[float], U: float) -> None:
         piece = self.stream.add(token)
@@ -154,9 +168,14 @@ class _TokenPrinter:
             return
         if self.index == 0:
             typer.echo()
-        layers = " ".join(f"{r:.3f}" for r in R_layers)
-        mean = sum(R_layers) / len(R_layers)
-        typer.echo(f"{self.index:>5} {piece!r:<18} R=[{layers}] mean={mean:.3f} U={U:.3f}")
+        line = f"{self.index:>5} {piece!r:<18}"
+        if R_layers:
+            mean = sum(R_layers) / len(R_layers)
+            line += f" R=[{' '.join(f'{r:.3f}' for r in R_layers)}] mean={mean:.3f}"
+        line += f" U={U:.3f}"
+        if self.tones and R_layers:
+            line += f" {tone(mean)}"
+        typer.echo(line)
         self.index += 1
 
     def finish(self) -> None:
@@ -172,6 +191,8 @@ def _summary_line(record: dict, max_positions: int) -> str:
     }[record["finish_reason"]]
     if not s["n_tokens"]:
         return f"[0 tokens; stopped: {reason}]"
+    if s["mean_R"] is None:  # no oscillators
+        return f"[{s['n_tokens']} tokens; stopped: {reason}; mean U {s['mean_U']:.3f}]"
     return (
         f"[{s['n_tokens']} tokens; stopped: {reason}; mean R {s['mean_R']:.3f}, "
         f"mean U {s['mean_U']:.3f}, Goldilocks {s['goldilocks_fraction']:.0%}]"

@@ -206,11 +206,36 @@ def read_prompts(prompt: str | None, prompts_file: Path | None, default: list[st
     return prompts
 
 
-def encode_text(text: str) -> list[int]:
-    from mlx_kssm.tokenizer import TokenizerUnavailable, encode
+def model_tokenizer(model, path: Path):
+    """The tokenizer the model at ``path`` was trained with (cl100k_base, or its own: a
+    Phase-Mamba's base's, an mlx-lm folder's); exit 2 with what to do when there is none."""
+    from mlx_kssm.io import resolve_model_folder
+    from mlx_kssm.tokenizer import TokenizerUnavailable, tokenizer_for
 
     try:
-        return encode(text)
+        return tokenizer_for(model, resolve_model_folder(path))
+    except TokenizerUnavailable as err:
+        fail(str(err))
+
+
+def same_tokenizer(tokenizers: dict[str, object]) -> object:
+    """One tokenizer for several models (label -> tokenizer), or exit 2: token metrics of
+    texts cut by different tokenizers are not comparable."""
+    (first, tok), *others = tokenizers.items()
+    for label, other in others:
+        if other.identity() != tok.identity():
+            fail(
+                f"{first} and {label} use different tokenizers ({tok.name} and {other.name}); "
+                "compare models that share one"
+            )
+    return tok
+
+
+def encode_text(text: str, tokenizer=None) -> list[int]:
+    from mlx_kssm.tokenizer import TokenizerUnavailable, resolve
+
+    try:
+        return resolve(tokenizer).encode(text)
     except TokenizerUnavailable as err:
         fail(str(err))
 
@@ -224,12 +249,13 @@ def check_prompt_tokens(model, tokens: list[int], label: str) -> None:
         fail(f"{label}: {err}")
 
 
-def encode_prompts(model, prompts: list[str]) -> list[list[int]]:
+def encode_prompts(model, prompts: list[str], tokenizer=None) -> list[list[int]]:
     """Tokenise and check every prompt before any work starts (an empty prompt starts from
     the end-of-text token, as every training document did)."""
-    from mlx_kssm.tokenizer import eot_token
+    from mlx_kssm.tokenizer import resolve
 
-    encoded = [encode_text(p) or [eot_token()] for p in prompts]
+    tokenizer = resolve(tokenizer)
+    encoded = [encode_text(p, tokenizer) or [tokenizer.eot] for p in prompts]
     for text, tokens in zip(prompts, encoded, strict=True):
         check_prompt_tokens(model, tokens, f"prompt {text[:40]!r}")
     return encoded
@@ -244,7 +270,7 @@ def check_sampling(temp: float, top_k: int, top_p: float) -> None:
         fail(str(err))
 
 
-def stop_tokens() -> list[int]:
-    from mlx_kssm.tokenizer import eot_token
+def stop_tokens(tokenizer=None) -> list[int]:
+    from mlx_kssm.tokenizer import resolve
 
-    return [eot_token()]
+    return [resolve(tokenizer).eot]

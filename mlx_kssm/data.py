@@ -10,7 +10,8 @@ What ``--data`` may name, in the order it is tried:
 Plain text is read directly; jsonl / json / parquet and hub datasets go through ``datasets``.
 Without a validation split, the last ~5% of the tokens (cut at a document end) are held out.
 
-Text is tokenised once with cl100k_base, an end-of-text token after each document, into a
+Text is tokenised once with the model's tokenizer (cl100k_base unless the model has its own,
+tokenizer.py), an end-of-text token after each document, into a
 token folder under the cache (``$KSSM_CACHE``, default ``~/.cache/mlx-kssm``; the source may be
 read-only): flat int32 files plus a JSON sidecar with the token counts, the tokenizer and the
 source's fingerprint, so that a changed source or tokenizer is noticed and tokenised again.
@@ -33,8 +34,6 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from .atomic import discard, publish_folder, temporary_folder
 from .documents import (
@@ -182,14 +181,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("KSSM_CACHE") or Path.home() / ".cache" / "mlx-kssm")
 
 
-def tokenizer_identity() -> dict:
-    """What the sidecar records of the tokenizer; a different one means tokenising again."""
-    from .tokenizer import get_encoding
+def tokenizer_identity(tokenizer=None) -> dict:
+    """What the sidecar records of the tokenizer (None: cl100k_base); another one means
+    tokenising again."""
+    from .tokenizer import resolve
 
-    enc = get_encoding()
-    probe = enc.encode_ordinary("Kuramoto oscillators synchronise: R -> 1.\n\u00e9\u4e2d")
-    digest = hashlib.sha256(np.asarray(probe, dtype=np.int64).tobytes()).hexdigest()[:16]
-    return {"name": TOKENIZER_NAME, "n_vocab": enc.n_vocab, "eot": enc.eot_token, "probe": digest}
+    return resolve(tokenizer).identity()
 
 
 def source_fingerprint(source: Source) -> str:
@@ -207,8 +204,9 @@ def source_fingerprint(source: Source) -> str:
     return digest.hexdigest()[:24]
 
 
-def cache_folder(source: Source, root: Path | None = None) -> Path:
-    """One cache folder per source location (a changed source replaces its own cache)."""
+def cache_folder(source: Source, root: Path | None = None, tokenizer: dict | None = None) -> Path:
+    """One cache folder per source location and tokenizer (a changed source replaces its own
+    cache; cl100k_base's folders carry no tokenizer suffix, as before there were others)."""
     where = (
         source.hub
         if source.kind == "hub"
@@ -216,17 +214,33 @@ def cache_folder(source: Source, root: Path | None = None) -> Path:
     )
     key = hashlib.sha256(json.dumps([source.kind, where]).encode()).hexdigest()[:12]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(source.name).name or source.name)[:40]
+    if tokenizer is not None and tokenizer.get("name") != TOKENIZER_NAME:
+        tag = {k: v for k, v in tokenizer.items() if k != "n_vocab"}
+        key += "-tok" + hashlib.sha256(json.dumps(tag, sort_keys=True).encode()).hexdigest()[:8]
     return (root or cache_root()) / "tokens" / f"{slug}-{key}"
 
 
-def prepare_tokens(source: Source, console=None, root: Path | None = None) -> TokenData:
-    """Tokenise ``source`` into the cache unless an up-to-date copy is there; open it."""
+def prepare_tokens(
+    source: Source, console=None, root: Path | None = None, tokenizer=None
+) -> TokenData:
+    """Tokenise ``source`` into the cache unless an up-to-date copy is there; open it.
+
+    ``tokenizer``: a tokenizer.Tokenizer, or a function returning one (asked only when
+    needed); None is cl100k_base. A token folder made with another named tokenizer is refused.
+    """
+    from .tokenizer import recorded_mismatch, resolve
+
     if source.kind == "tokens":
-        return open_token_folder(source.folder)
-    folder = cache_folder(source, root)
-    tokenizer = tokenizer_identity()
+        data = open_token_folder(source.folder)
+        problem = recorded_mismatch(data.meta.get("tokenizer"), tokenizer)
+        if problem:
+            raise DataError(f"{source.name} {problem}")
+        return data
+    tokenizer = resolve(tokenizer)
+    identity = tokenizer_identity(tokenizer)
+    folder = cache_folder(source, root, identity)
     fingerprint = source_fingerprint(source)
-    stale = _stale_reason(folder, fingerprint, tokenizer)
+    stale = _stale_reason(folder, fingerprint, identity)
     if stale is None:
         try:
             return open_token_folder(folder)
@@ -235,7 +249,7 @@ def prepare_tokens(source: Source, console=None, root: Path | None = None) -> To
     if stale:
         _say(console, f"{source.name}: {stale}; tokenising again")
     check_cache_writable(folder.parent.parent)
-    notes = _tokenise_source(source, folder, fingerprint, tokenizer, console)
+    notes = _tokenise_source(source, folder, fingerprint, tokenizer, identity, console)
     for note in notes:
         _say(console, note)
     tokens = open_token_folder(folder)
@@ -283,7 +297,7 @@ def _stale_reason(folder: Path, fingerprint: str, tokenizer: dict) -> str | None
 
 
 def _tokenise_source(
-    source: Source, folder: Path, fingerprint: str, tokenizer: dict, console
+    source: Source, folder: Path, fingerprint: str, tokenizer, identity: dict, console
 ) -> list[str]:
     """Write the token folder to a temporary name and rename it into place. Returns one
     line per text file that held bytes that are not UTF-8 text (to tell the user)."""
@@ -300,15 +314,18 @@ def _tokenise_source(
                 streams = {
                     k: _file_documents(fs, advance, text_counts) for k, fs in source.files.items()
                 }
-            counts = {k: write_tokens(docs, tmp / f"tokens.{k}.bin") for k, docs in streams.items()}
+            counts = {
+                k: write_tokens(docs, tmp / f"tokens.{k}.bin", tokenizer=tokenizer)
+                for k, docs in streams.items()
+            }
         splits = {k: {"file": f"tokens.{k}.bin", "start": 0, "stop": n} for k, n in counts.items()}
         if "valid" not in splits:
-            splits = hold_out(tmp / splits["train"]["file"], counts["train"], tokenizer["eot"])
+            splits = hold_out(tmp / splits["train"]["file"], counts["train"], identity["eot"])
         meta = {
             "format": FORMAT_VERSION,
             "source": source.name,
             "fingerprint": fingerprint,
-            "tokenizer": tokenizer,
+            "tokenizer": identity,
             "dtype": TOKEN_DTYPE,
             "splits": splits,
             "n_tokens": {k: v["stop"] - v["start"] for k, v in splits.items()},

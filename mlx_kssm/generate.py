@@ -24,7 +24,7 @@ draws phase noise at eval gets one key per step from ``seed``, shared by the bat
 
 from __future__ import annotations
 
-import codecs
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -125,7 +125,8 @@ class Generation:
 
     @property
     def R_mean(self) -> list[float]:
-        return [float(np.mean(r)) for r in self.R_layers]
+        """Mean R over layers per step (NaN for a model without oscillators)."""
+        return [float(np.mean(r)) if len(r) else math.nan for r in self.R_layers]
 
 
 def check_prompt(model, prompt: Sequence[int]) -> None:
@@ -248,54 +249,48 @@ def generate(
 
 
 class TextStream:
-    """Tokens -> text as they arrive, holding back the bytes of an unfinished UTF-8 character.
-
-    Ids the encoding does not know (a model may draw any id below its vocabulary size) become
-    U+FFFD rather than an exception.
+    """Tokens -> text as they arrive, with the model's tokenizer (tokenizer.py; None:
+    cl100k_base), holding back an unfinished character. Ids the tokenizer does not know (a
+    model may draw any id below its vocabulary size) become U+FFFD rather than an exception.
     """
 
-    def __init__(self, encoding=None):
-        if encoding is None:
-            from .tokenizer import get_encoding
+    def __init__(self, tokenizer=None):
+        from .tokenizer import resolve
 
-            encoding = get_encoding()
-        self._encoding = encoding
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stream = resolve(tokenizer).stream()
 
     def add(self, token: int) -> str:
-        try:
-            piece = self._encoding.decode_single_token_bytes(token)
-        except (KeyError, ValueError, OverflowError):  # unknown, negative or huge ids
-            piece = "\ufffd".encode()
-        return self._utf8.decode(piece)
+        return self._stream.add(int(token))
 
     def flush(self) -> str:
-        return self._utf8.decode(b"", final=True)
+        return self._stream.flush()
 
 
-def decode_tokens(tokens: Sequence[int], encoding=None) -> str:
-    """The text of a token list (robust to ids the encoding does not know)."""
-    stream = TextStream(encoding)
+def decode_tokens(tokens: Sequence[int], tokenizer=None) -> str:
+    """The text of a token list (robust to ids the tokenizer does not know)."""
+    stream = TextStream(tokenizer)
     return "".join(stream.add(t) for t in tokens) + stream.flush()
 
 
-def encode_prompt(text: str) -> list[int]:
-    """Prompt tokens; an empty prompt starts from <|endoftext|>, as each training document did."""
-    from .tokenizer import encode, eot_token
+def encode_prompt(text: str, tokenizer=None) -> list[int]:
+    """Prompt tokens; an empty prompt starts from end-of-text, as each training document did."""
+    from .tokenizer import resolve
 
-    return encode(text) or [eot_token()]
+    tokenizer = resolve(tokenizer)
+    return tokenizer.encode(text) or [tokenizer.eot]
 
 
-def generation_record(gen: Generation, encoding=None) -> dict:
-    """A JSON-ready record: tokens, text, and per step the token's text, R per layer, R, U."""
-    stream = TextStream(encoding)
+def generation_record(gen: Generation, tokenizer=None) -> dict:
+    """A JSON-ready record: tokens, text, and per step the token's text, R per layer, R, U
+    (R null for a model without oscillators)."""
+    stream = TextStream(tokenizer)
     steps = [
-        {"token": t, "text": stream.add(t), "R_layers": r, "R_mean": float(np.mean(r)), "U": u}
+        {"token": t, "text": stream.add(t), "R_layers": r, "R_mean": _mean_or_none(r), "U": u}
         for t, r, u in zip(gen.tokens, gen.R_layers, gen.U, strict=True)
     ]
     if steps:
         steps[-1]["text"] += stream.flush()
-    R_mean = gen.R_mean
+    R_mean = [r for r in gen.R_mean if not math.isnan(r)]
     return {
         "prompt_tokens": gen.prompt,
         "tokens": gen.tokens,
@@ -309,3 +304,7 @@ def generation_record(gen: Generation, encoding=None) -> dict:
             "goldilocks_fraction": goldilocks_fraction(R_mean, gen.U) if R_mean else None,
         },
     }
+
+
+def _mean_or_none(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None

@@ -73,12 +73,13 @@ def write_token_folder(folder: Path, splits: dict[str, np.ndarray], name: str = 
     return folder
 
 
-def write_tokens(documents: Iterable[str], path: Path, chunk: int = 512) -> int:
-    """Tokenise documents (an end-of-text token after each) into a flat int32 file."""
-    from .tokenizer import get_encoding
+def write_tokens(documents: Iterable[str], path: Path, chunk: int = 512, tokenizer=None) -> int:
+    """Tokenise documents (an end-of-text token after each) into a flat int32 file, with
+    ``tokenizer`` (a tokenizer.Tokenizer; None: cl100k_base)."""
+    from .tokenizer import resolve
 
-    enc = get_encoding()
-    eot = np.array([enc.eot_token], dtype=TOKEN_DTYPE)
+    tokenizer = resolve(tokenizer)
+    eot = np.array([tokenizer.eot], dtype=TOKEN_DTYPE)
     total = 0
     with open(path, "wb") as f:
         batch: list[str] = []
@@ -86,15 +87,15 @@ def write_tokens(documents: Iterable[str], path: Path, chunk: int = 512) -> int:
             if doc and doc.strip():
                 batch.append(doc.strip())
             if len(batch) == chunk:
-                total += _write_batch(enc, batch, eot, f)
+                total += _write_batch(tokenizer, batch, eot, f)
                 batch = []
         if batch:
-            total += _write_batch(enc, batch, eot, f)
+            total += _write_batch(tokenizer, batch, eot, f)
     return total
 
 
-def _write_batch(enc, docs: list[str], eot: np.ndarray, f) -> int:
-    ids = enc.encode_ordinary_batch(docs, num_threads=os.cpu_count() or 1)
+def _write_batch(tokenizer, docs: list[str], eot: np.ndarray, f) -> int:
+    ids = tokenizer.encode_batch(docs)
     flat = np.concatenate([part for doc in ids for part in (np.asarray(doc, TOKEN_DTYPE), eot)])
     flat.tofile(f)
     return flat.size

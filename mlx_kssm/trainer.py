@@ -322,7 +322,8 @@ class Trainer:
     def sample_text(self) -> str:
         """A continuation of the first validation window's opening tokens (same key each time,
         so that successive samples differ only because the model changed)."""
-        from .generate import decode_tokens, generate, make_sampler
+        from .generate import generate, make_sampler
+        from .tokenizer import TokenizerUnavailable, tokenizer_for
 
         if self.args.sample_tokens == 0:
             return ""
@@ -330,9 +331,14 @@ class Trainer:
         sampler = make_sampler(temp=SAMPLE_TEMPERATURE)
         gen = generate(self.model, prompt, sampler, self.args.sample_tokens, seed=self.args.seed)
         tokens = gen[0].tokens
-        if self.data.meta.get("tokenizer", {}).get("name") != "cl100k_base":
+        try:  # text only when the data was made by the model's tokenizer; ids otherwise
+            tokenizer = tokenizer_for(self.model_args)
+            known = tokenizer.identity() == self.data.meta.get("tokenizer")
+        except TokenizerUnavailable:
+            known = False
+        if not known:
             return " ".join(map(str, prompt)) + " |" + " ".join(map(str, tokens))
-        return decode_tokens(prompt) + "|" + decode_tokens(tokens)
+        return tokenizer.decode(prompt) + "|" + tokenizer.decode(tokens)
 
     # ---- files
 

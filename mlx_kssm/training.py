@@ -91,7 +91,10 @@ def _run_training(train_args, model_args, resume, console, dist) -> Path:
     check_args(args, model_args)
 
     def prepare():
-        data = prepare_tokens(resolve_source(args.data), console=console)
+        from .tokenizer import tokenizer_for
+
+        tokenizer = lambda: tokenizer_for(model_args)  # noqa: E731  (looked for only if needed)
+        data = prepare_tokens(resolve_source(args.data), console=console, tokenizer=tokenizer)
         check_data(data, args, model_args)
         return data
 

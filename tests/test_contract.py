@@ -27,6 +27,9 @@ TINY = {
     "kssm_ssm": dict(
         hidden_dim=32, n_layers=2, n_oscillators=16, n_harmonics=4, state_size=8, chunk_size=4
     ),
+    "mamba": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, state_size=8, time_step_rank=2
+    ),
 }
 ARCHS = sorted(MODEL_TYPES)
 

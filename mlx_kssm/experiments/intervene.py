@@ -13,6 +13,9 @@ Modes
             0.05), the sign change of R(s) - target nearest to s = 1 (the smallest edit) is
             refined by bisection, and where no s reaches the target the closest one is used.
             The measured R is reported either way.
+    pattern The original Phase-Mamba intervention (phase_mamba models only): before every
+            update the cores' phases are the pattern meant to give the target, which the update
+            then moves (interventions.py); R is hit only approximately and measured.
 
 Measurements, per condition
     generations  for every prompt p and trial t (seed + p * trials + t, the same in every
@@ -34,20 +37,20 @@ at p < alpha, Holm-corrected; effects are ranked by size, not by p-value.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from .interventions import applied, scaled_omega
 from .model_api import forward_with_r
 from .sampling import SamplingSettings, generation_samples
 from .stats import nanmean
 from .verdict import GENERATION_METRICS, build_tests, minimum_effects, verdict
 
-MODES = ("phases", "omega")
+MODES = ("phases", "omega", "pattern")
 # (phase, done, total): progress of the long loops, for a display
 Advance = Callable[[str, int, int], None]
 OMEGA_GRID = np.round(np.arange(0.0, 3.0001, 0.05), 2)
@@ -94,6 +97,7 @@ class Condition:
     name: str
     target_r: float | None  # None: the free-running control
     omega_scale: float | None = None  # omega mode: the pull/push factor s
+    pattern: bool = False  # pattern mode: the original Phase-Mamba's phase pattern
     # filled by the measurements
     samples: list[dict] = field(default_factory=list)  # one per prompt x trial
     ce: list[float] = field(default_factory=list)  # teacher-forced, one per segment
@@ -178,33 +182,6 @@ def parse_layers(text: str, n_layers: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- interventions
-
-
-@contextmanager
-def scaled_omega(model, layers: Sequence[int], scale: float) -> Iterator[None]:
-    """omega_0' = mean + scale * (omega_0 - mean) in the given layers; restored on exit."""
-    banks = [model.blocks[i].oscillators for i in layers]
-    saved = [bank.omega_0 for bank in banks]
-    try:
-        for bank, omega in zip(banks, saved, strict=True):
-            centre = mx.mean(omega)
-            bank.omega_0 = centre + scale * (omega - centre)
-        yield
-    finally:
-        for bank, omega in zip(banks, saved, strict=True):
-            bank.omega_0 = omega
-
-
-@contextmanager
-def applied(model, cond: Condition, layers: Sequence[int]) -> Iterator[dict | None]:
-    """Apply a condition; yields the ``force_r`` argument for the forward pass."""
-    if cond.is_control:
-        yield None
-    elif cond.omega_scale is not None:
-        with scaled_omega(model, layers, cond.omega_scale):
-            yield None
-    else:
-        yield {i: cond.target_r for i in layers}
 
 
 def _forced_layers_r(model, tokens: mx.array, layers: Sequence[int]) -> float:
@@ -347,7 +324,7 @@ def make_conditions(
         scale = None
         if settings.mode == "omega":
             scale = calibrate_omega_scale(model, layers, r, calibration)
-        conditions.append(Condition(f"R={r:g}", r, scale))
+        conditions.append(Condition(f"R={r:g}", r, scale, pattern=settings.mode == "pattern"))
     return conditions
 
 

@@ -16,12 +16,18 @@ from .base import BaseModelArgs, ConfigError
 # model_type -> module in this package. An explicit table, not an import of whatever name a
 # config.json holds: the config is user input.
 # Short names for the command line (kssm train --arch ssm).
-ARCH_NAMES: dict[str, str] = {"v3": "kssm_v3", "ssm": "kssm_ssm", "phase_mamba": "phase_mamba"}
+ARCH_NAMES: dict[str, str] = {
+    "v3": "kssm_v3",
+    "ssm": "kssm_ssm",
+    "phase_mamba": "phase_mamba",
+    "mamba_lm": "mamba",  # mlx-lm's Mamba, registered under mlx-lm's model_type
+}
 
 MODEL_TYPES: dict[str, str] = {
     "kssm_v3": "kssm_v3",
     "kssm_ssm": "kssm_ssm",
     "phase_mamba": "phase_mamba",
+    "mamba": "mamba_lm",
 }
 
 

@@ -26,6 +26,11 @@ through the current input only.
 Couplings. ``faithful`` modulates in training mode only and returns x unchanged in eval mode
 (the original hook, whose phases still advance); ``multiplicative`` and ``additive`` modulate
 in both modes.
+
+Pinned phases (``pin``). The original intervention overwrote the phases with a fixed pattern
+before every forward call, which then advanced them once. A pinned core does the same at every
+update: its previous phases are always the pin (per_call: before the one update; per_token:
+before each position's), so incremental decoding still equals the full forward.
 """
 
 from __future__ import annotations
@@ -82,6 +87,13 @@ class PhaseCore(nn.Module):
         self.to_modulation = nn.Linear(n, d)
         self.phases = mx.zeros((n,))  # per_call: the state; per_token: the starting phases
         self.freeze(keys=["phases"], recurse=False)  # a buffer: saved, never trained
+        self._pinned = None  # (N,) phases every update starts from, or None (module docstring)
+
+    def pin(self, phases: mx.array | None) -> None:
+        """Start every update from ``phases`` (N,) from now on; None ends it."""
+        if phases is not None and phases.shape != self.phases.shape:
+            raise ValueError(f"pinned phases of shape {phases.shape}, need {self.phases.shape}")
+        self._pinned = None if phases is None else mx.stop_gradient(phases)
 
     @property
     def modulates(self) -> bool:
@@ -110,7 +122,8 @@ class PhaseCore(nn.Module):
         from the mean of x over batch and sequence, and are stored in ``phases``. ``force_r``
         moves the new phases to that R (ops.force_order_parameter) before anything reads them."""
         x_bar = mx.mean(x, axis=(0, 1)).astype(self.omega.dtype)  # (d,)
-        phi = self.advance(self.phases, x_bar)  # (N,)
+        previous = self.phases if self._pinned is None else self._pinned
+        phi = self.advance(previous, x_bar)  # (N,)
         if force_r is not None:
             phi = ops.force_order_parameter(phi, force_r)
         self.phases = mx.stop_gradient(phi)
@@ -128,12 +141,19 @@ class PhaseCore(nn.Module):
         ``force_r`` moves the phases to that R at every position, and the forced phases are
         the ones carried on."""
         inputs = x.astype(self.omega.dtype)
-        trajectory = []
-        for t in range(x.shape[1]):  # the recurrence is sequential, like the Mamba scan
-            phases = self.advance(phases, inputs[:, t])
+        if self._pinned is not None:  # every position starts from the pin: no recurrence
+            B, L = x.shape[:2]
+            phi = self.advance(mx.broadcast_to(self._pinned, (B, L, self._pinned.shape[0])), inputs)
             if force_r is not None:
-                phases = ops.force_order_parameter(phases, force_r)
-            trajectory.append(phases)
-        phi = mx.stack(trajectory, axis=1)  # (B, L, N)
+                phi = ops.force_order_parameter(phi, force_r)
+            phases = phi[:, -1]
+        else:
+            trajectory = []
+            for t in range(x.shape[1]):  # the recurrence is sequential, like the Mamba scan
+                phases = self.advance(phases, inputs[:, t])
+                if force_r is not None:
+                    phases = ops.force_order_parameter(phases, force_r)
+                trajectory.append(phases)
+            phi = mx.stack(trajectory, axis=1)  # (B, L, N)
         out = self.modulate(x, phi) if self.modulates else x
         return out, ops.order_parameter(phi), mx.stop_gradient(phases)
