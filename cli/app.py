@@ -10,7 +10,7 @@ from importlib import metadata
 import typer
 from typer.core import TyperGroup
 
-from . import cmd_convert, cmd_experiments, cmd_plot, cmd_sample, cmd_train
+from . import cmd_bench, cmd_convert, cmd_experiments, cmd_plot, cmd_sample, cmd_train
 from .errors import run_with_short_errors
 
 
@@ -74,6 +74,10 @@ app.command("compare", help="Compare two models on the same prompts (Phase-Mamba
 )
 app.command("plot", help="Draw a training run's figures (loss and the model's metrics).")(
     cmd_plot.plot
+)
+
+app.command("bench", help="Measure speed and memory on this machine (a table to paste).")(
+    cmd_bench.bench
 )
 
 

@@ -23,7 +23,11 @@ from functools import cache
 import mlx.core as mx
 
 # op name -> "module:attribute" inside mlx_kssm.kernels (filled in by the kernel issue).
-KERNELS: dict[str, str] = {}
+KERNELS: dict[str, str] = {
+    "oscillator_features": "bank:oscillator_features",
+    "selective_scan": "scan:selective_scan",
+    "selective_scan_step": "scan:selective_scan_step",
+}
 
 
 def kernels_enabled() -> bool:
