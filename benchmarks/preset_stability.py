@@ -1,0 +1,119 @@
+"""How far a training outcome moves when the arithmetic moves by one ulp.
+
+Runs `kssm train`'s library entry point in this process, either as is or with one
+rounding-level perturbation, and prints the final validation cross-entropy, so that two runs
+that differ only by float rounding can be compared:
+
+- ``none``: the run as `kssm train` would do it.
+- ``chunk256``: the numpy head sums the embedding's gradient over chunks of 256 tokens instead
+  of 512 (same math, another summation order: changes in the last bits of dE each step).
+- ``init-ulp``: every initial weight moved one ulp towards +inf before the first step.
+
+A training recipe is reproducible across commits and machines only if ``none`` and the
+perturbed runs end close together (and different seeds end close together too).
+
+    python benchmarks/preset_stability.py --data ../shared/corpora/wiki-leads --seed 1 \
+        --perturb chunk256 [--lr 1e-2 --warmup 60 ...]
+
+One run per process (the perturbations patch the library). Each run appends one JSON line to ``--log`` (default benchmarks/preset_stability.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+import mlx_kssm.numpy_head as numpy_head
+import mlx_kssm.training as training
+from mlx_kssm.config import model_args_for, train_args_for
+
+PERTURBATIONS = ("none", "chunk256", "init-ulp")
+OVERRIDABLE = {  # flag -> type, for the recipe knobs explored here
+    "lr": float,
+    "warmup": int,
+    "beta2": float,
+    "grad_clip": float,
+    "weight_decay": float,
+    "batch_size": int,
+    "steps": int,
+}
+
+
+def nudge_one_ulp(model) -> None:
+    """Move every parameter one ulp towards +inf (float32 nextafter)."""
+    moved = [
+        (name, mx.array(np.nextafter(np.array(w), np.float32(np.inf)).astype(np.float32)))
+        for name, w in tree_flatten(model.parameters())
+    ]
+    model.update(tree_unflatten(moved))
+
+
+def apply_perturbation(name: str) -> None:
+    if name == "chunk256":
+        numpy_head.NumpyHead.__init__.__defaults__ = (None, 256)
+    elif name == "init-ulp":
+        build = training.build_model
+
+        def build_nudged(model_args):
+            model = build(model_args)
+            nudge_one_ulp(model)
+            return model
+
+        training.build_model = build_nudged
+
+
+def metrics_rows(run: Path, kind: str) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("kind") == kind]
+
+
+def run_once(data: str, seed: int, perturb: str, overrides: dict) -> dict:
+    apply_perturbation(perturb)
+    with tempfile.TemporaryDirectory(prefix="kssm-stability-") as tmp:
+        args = train_args_for(
+            "tiny", data=data, seed=seed, out=str(Path(tmp) / "run"), sample_tokens=0, **overrides
+        )
+        started = time.perf_counter()
+        run = training.run_training(args, model_args_for("tiny"))
+        seconds = time.perf_counter() - started
+        evals, trains = metrics_rows(run, "eval"), metrics_rows(run, "train")
+    return {
+        "seed": seed,
+        "perturb": perturb,
+        "overrides": overrides,
+        "steps": args.steps,
+        "val_ce": evals[-1]["val_ce"],
+        "val_ce_by_step": {r["step"]: round(r["val_ce"], 4) for r in evals},
+        "train_ce_by_step": {r["step"]: round(r["ce"], 4) for r in trains},
+        "grad_norm_by_step": {r["step"]: round(r["grad_norm"], 3) for r in trains},
+        "seconds": round(seconds, 1),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="corpus folder (train.txt, valid.txt)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--perturb", choices=PERTURBATIONS, default="none")
+    parser.add_argument("--log", default=str(Path(__file__).with_name("preset_stability.jsonl")))
+    for flag, kind in OVERRIDABLE.items():
+        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None)
+    opts = parser.parse_args()
+    overrides = {k: getattr(opts, k) for k in OVERRIDABLE if getattr(opts, k) is not None}
+    row = run_once(opts.data, opts.seed, opts.perturb, overrides)
+    print(json.dumps(row))
+    with open(opts.log, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
