@@ -1,0 +1,400 @@
+"""Issue 11's experiment: do the oscillators help once the model can use context?
+
+Trains, at one token budget (the tiny preset's 16 x 64 tokens per step, the same schedule and
+seed for all), four models and writes a markdown table with the unigram and bigram baselines:
+
+    v3          (1) K-SSM v3, bistable (the published model: no sequence mixing)
+    ssm         (2) K-SSM with a selective scan, bistable
+    ssm-mono    (3) the same, monostable (u not clamped)
+    ssm-nobank  (4) the same SSM without oscillator banks (the control, within 2% of params)
+
+Each run is an ordinary `kssm train` run folder under --out; then `kssm intervene` forces R in
+(2). Rerunning the same command skips finished runs, resumes interrupted ones from their newest
+checkpoint and only rewrites the table, so seeds can be added later (--seeds 42,7,1).
+
+    python benchmarks/ssm_experiment.py --data ../shared/corpora/wiki-leads --steps 600 \\
+        --seeds 42 --out runs/ssm_experiment --table benchmarks/SSM_RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {  # name -> (label, kssm train flags)
+    "v3": ("(1) v3 bistable", ["--arch", "v3"]),
+    "ssm": ("(2) ssm bistable", ["--arch", "ssm"]),
+    "ssm-mono": ("(3) ssm monostable", ["--arch", "ssm", "--monostable"]),
+    "ssm-nobank": ("(4) ssm without banks", ["--arch", "ssm", "--set", "oscillators=false"]),
+}
+INTERVENED = "ssm"  # the configuration `kssm intervene` runs on
+# Reference cross-entropies (nats per cl100k token, valid split): ../shared/docs/environment.md
+BASELINES = {"wiki-leads": (7.48, 5.84), "sotu": (7.14, 5.90)}
+REPO = Path(__file__).resolve().parent.parent
+KEYS = [("val_ce", 3), ("val_R", 3), ("val_u", 3), ("tok_s", 0), ("wall_s", 0)]  # table columns
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="../shared/corpora/wiki-leads", help="corpus folder")
+    p.add_argument("--steps", type=int, default=600, help="optimizer updates (= --decay-steps)")
+    p.add_argument("--seeds", default="42", help="comma list, e.g. 42,7,1")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
+    p.add_argument("--out", default="runs/ssm_experiment", help="folder for the run folders")
+    p.add_argument("--table", default=None, help="markdown output (default: OUT/SSM_RESULTS.md)")
+    p.add_argument("--eval-every", type=int, default=0, help="0: a divisor of --steps, ~steps/4")
+    p.add_argument("--intervene", default="0.1,0.5,0.9", help="target Rs for (2); or 'none'")
+    p.add_argument("--trials", type=int, default=2, help="intervene: generations per prompt")
+    p.add_argument("--max-tokens", type=int, default=24, help="intervene: tokens per generation")
+    p.add_argument("--eval-tokens", type=int, default=2048, help="intervene: teacher-forced")
+    p.add_argument("--table-only", action="store_true", help="train nothing; rewrite the table")
+    a = p.parse_args(argv)
+    a.data = Path(a.data)
+    if not (a.data / "train.txt").is_file() or not (a.data / "valid.txt").is_file():
+        fail(f"--data {a.data}: expected a folder with train.txt and valid.txt")
+    if a.steps < 1 or not all(s.strip().isdigit() for s in a.seeds.split(",")):
+        fail("--steps must be at least 1 and --seeds a comma list of integers >= 0")
+    a.seeds = [int(s) for s in a.seeds.split(",")]
+    a.configs = [c.strip() for c in a.configs.split(",")]
+    unknown = [c for c in a.configs if c not in CONFIGS]
+    if unknown:
+        fail(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+    if a.eval_every < 0 or (a.eval_every and a.steps % a.eval_every):
+        fail(f"--eval-every must divide --steps {a.steps} so the last eval is at the last step")
+    a.eval_every = a.eval_every or eval_interval(a.steps)
+    a.out = Path(a.out)
+    a.table = Path(a.table) if a.table else a.out / "SSM_RESULTS.md"
+    return a
+
+
+def eval_interval(steps: int, evals: int = 4) -> int:
+    """The smallest divisor of steps that gives at most `evals` evaluations."""
+    return next(d for d in range(math.ceil(steps / evals), steps + 1) if steps % d == 0)
+
+
+def kssm() -> str:
+    beside = Path(sys.executable).parent / "kssm"
+    found = str(beside) if beside.exists() else shutil.which("kssm")
+    if not found:
+        fail("the kssm command is not installed: pip install -e . in this repository")
+    return found
+
+
+def run_dir(a, config: str, seed: int) -> Path:
+    return a.out / a.data.name / f"steps{a.steps}" / config / f"seed{seed}"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(ln) for ln in lines if ln.endswith("}")]  # skips a line cut by a kill
+
+
+def final_eval(run: Path, steps: int) -> dict | None:
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("kind") == "eval"]
+    return next((r for r in reversed(evals) if r["step"] == steps), None)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def stream(cmd: list[str], log: Path) -> tuple[int, float]:
+    """Run cmd, echo and append its output to log; returns (exit code, wall seconds)."""
+    print("$ " + shlex.join(["kssm", *cmd[1:]]), flush=True)
+    start = time.perf_counter()
+    with open(log, "a") as out:
+        out.write(f"\n$ {shlex.join(cmd)}\n")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            out.write(line)
+            out.flush()
+        code = proc.wait()
+    return code, time.perf_counter() - start
+
+
+def train(a, config: str, seed: int) -> None:
+    run = run_dir(a, config, seed)
+    if final_eval(run, a.steps):
+        print(f"done already: {run}")
+        return
+    cfg_file = run / "train_config.json"
+    if cfg_file.exists():  # resume: the folder's recorded arguments hold
+        recorded = json.loads(cfg_file.read_text())["train"]
+        if recorded["steps"] != a.steps or recorded["seed"] != seed:
+            fail(f"{run} holds a run of {recorded['steps']} steps, seed {recorded['seed']}")
+    has_ckpt = any((run / "checkpoints").glob("step_*"))
+    if has_ckpt:
+        cmd = [kssm(), "train", "--resume", "--out", str(run)]
+    else:
+        if run.exists() and any(run.iterdir()):  # started, killed before its first checkpoint
+            aside = run.with_name(f"{run.name}.unfinished-{int(time.time())}")
+            run.rename(aside)
+            print(f"{run} had no checkpoint; kept it as {aside} and start again")
+        run.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [kssm(), "train", "--preset", "tiny", *CONFIGS[config][1]]
+        cmd += ["--data", str(a.data), "--seed", str(seed), "--out", str(run)]
+        cmd += ["--steps", str(a.steps), "--decay-steps", str(a.steps)]
+        cmd += ["--eval-every", str(a.eval_every), "--save-every", str(a.eval_every)]
+        cmd += ["--keep-last", "2"]
+    code, seconds = stream(cmd, run.parent / f"{run.name}.log")
+    wall_file = run.parent / f"{run.name}.wall.json"
+    legs = json.loads(wall_file.read_text()) if wall_file.exists() else []
+    legs.append({"seconds": seconds, "exit": code, "command": shlex.join(cmd[1:])})
+    write_text(wall_file, json.dumps(legs, indent=1))
+    if code != 0:
+        print(f"kssm train exited {code} for {config} seed {seed}; continuing", file=sys.stderr)
+
+
+def intervene(a, seed: int) -> None:
+    run = run_dir(a, INTERVENED, seed)
+    out = run.parent / f"{run.name}.intervene.json"
+    if out.exists() or not final_eval(run, a.steps):
+        return
+    cmd = [kssm(), "intervene", "--model", str(run), "--force-r", a.intervene]
+    cmd += ["--text", str(a.data / "valid.txt"), "--trials", str(a.trials)]
+    cmd += ["--max-tokens", str(a.max_tokens), "--eval-tokens", str(a.eval_tokens)]
+    cmd += ["--json", str(out), "--report", str(run.parent / f"{run.name}.intervene.md")]
+    code, _ = stream(cmd, run.parent / f"{run.name}.log")
+    if code:
+        print(f"kssm intervene exited {code} for seed {seed}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- collecting
+
+
+def collect(a, config: str, seed: int) -> dict | None:
+    run = run_dir(a, config, seed)
+    last = final_eval(run, a.steps)
+    if last is None:
+        return None
+    rows = read_jsonl(run / "metrics.jsonl")
+    # A resumed leg repeats the steps after its checkpoint: keep each step's last row.
+    trains = sorted({r["step"]: r for r in rows if r.get("kind") == "train"}.items())
+    evals = sorted({r["step"]: r for r in rows if r.get("kind") == "eval"}.items())
+    legs = json.loads((run.parent / f"{run.name}.wall.json").read_text())
+    return {
+        "val_ce": last["val_ce"],
+        "val_R": last.get("val_R", math.nan),
+        "val_u": last.get("val_u", math.nan),
+        "tok_s": trains[-1][1]["tokens"] / trains[-1][1]["elapsed_s"],
+        "wall_s": sum(leg["seconds"] for leg in legs),
+        "params": json.loads((run / "train_config.json").read_text())["n_params"],
+        "skipped": sum(r.get("skipped", 0) for _, r in trains),
+        "R_path": [(step, r.get("val_R")) for step, r in evals],
+        "ce_path": [(step, r["val_ce"]) for step, r in evals],
+        "sample": last.get("sample", ""),
+    }
+
+
+def spread(values: list[float], digits: int = 3) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "n/a"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    sd = statistics.stdev(values)
+    return (
+        f"{mean:.{digits}f} ± {sd:.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
+    )
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    names = [
+        ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")
+    ]
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"{names[0] if names else 'unknown CPU'}, {os.cpu_count()} cores (shared; load average "
+        f"now {load}), MLX {importlib.metadata.version('mlx')}"
+    )
+
+
+def commit() -> str:
+    git = ["git", "-C", str(REPO)]
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    dirty = subprocess.run([*git, "status", "--porcelain", "-uno"], capture_output=True).stdout
+    return head.strip() + (" (with uncommitted changes)" if dirty.strip() else "")
+
+
+def intervene_rows(a, seed: int) -> list[str]:
+    path = run_dir(a, INTERVENED, seed).parent / f"seed{seed}.intervene.json"
+    if not path.exists():
+        return []
+    result = json.loads(path.read_text())
+    tests = {(t["metric"], t["condition"]): t for t in result["tests"] if t.get("condition")}
+    lines = [
+        f"Seed {seed}: `kssm intervene` on (2), every layer forced, "
+        f"{result['settings']['n_segments']} teacher-forced segments, "
+        f"{result['settings']['n_prompts']} prompts x {result['settings']['trials']} trials.",
+        "",
+        "| condition | measured R | mean KL vs free [95% CI] | p (Holm) | dCE [95% CI] | "
+        "p (Holm) | Cohen's d (dCE) | outcome (KL / dCE) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for cond in result["conditions"]:
+        if cond["target_r"] is None:
+            lines.append(f"| free (control) | {cond['measured_r']:.3f} | | | | | | |")
+            continue
+        kl, dce = tests.get(("kl", cond["name"]), {}), tests.get(("ce", cond["name"]), {})
+        lines.append(
+            f"| {cond['name']} | {cond['measured_r']:.3f} | {ci(kl)} | {pval(kl)} | "
+            f"{ci(dce)} | {pval(dce)} | {dce.get('cohen_d', math.nan):.2f} | "
+            f"{kl.get('outcome', '?')} / {dce.get('outcome', '?')} |"
+        )
+    return [*lines, "", f"Verdict (as `kssm intervene` states it): {result['verdict']['text']}", ""]
+
+
+def ci(t: dict) -> str:
+    return f"{t['effect']:.4f} [{t['ci_low']:.4f}, {t['ci_high']:.4f}]" if t else "n/a"
+
+
+pval = lambda t: f"{t['p_holm']:.2g}" if t else "n/a"  # noqa: E731
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+def findings(means: dict[str, float], bigram: float | None, n_seeds: int) -> list[str]:
+    """Plain statements of what the measured means say (no significance claimed)."""
+    out = []
+
+    def compare(a, b, what):
+        if a in means and b in means:
+            diff = means[a] - means[b]
+            side = "below" if diff < 0 else "above"
+            out.append(f"- {what}: {CONFIGS[a][0]} is {side} {CONFIGS[b][0]} by {abs(diff):.3f}")
+
+    compare("ssm", "v3", "(2) vs (1)")
+    if bigram is not None and "ssm" in means:
+        side = "below" if means["ssm"] < bigram else "above"
+        out.append(f"- (2) vs the bigram: {means['ssm']:.3f} is {side} {bigram:.2f}")
+    compare("ssm", "ssm-nobank", "(2) vs (4), do oscillators help")
+    compare("ssm", "ssm-mono", "(2) vs (3), bistable vs monostable")
+    if n_seeds < 3:
+        out.append(
+            f"- With {n_seeds} seed(s) there is no estimate of seed noise here; three v3 seeds "
+            "at 300 steps spread over ~0.1 nats (benchmarks/RESULTS.md), so differences "
+            "smaller than that are not evidence."
+        )
+    return out
+
+
+def table(a, command: str, started: str) -> str:
+    unigram, bigram = BASELINES.get(a.data.name, (None, None))
+    results = {c: {s: collect(a, c, s) for s in a.seeds} for c in a.configs}
+    n = len({s for c in a.configs for s in a.seeds if results[c][s]})
+    done = [(c, s, r) for c in a.configs for s, r in results[c].items() if r]
+    t = done and json.loads((run_dir(a, done[0][0], done[0][1]) / "train_config.json").read_text())
+    lines = [f"# Issue 11: K-SSM with a selective scan vs K-SSM v3 on {a.data.name}", ""]
+    if n < 3:
+        seeds = "One seed" if n == 1 else f"{n} seeds"
+        lines += [f"**{seeds}, {a.steps} steps: preliminary; the issue asks for three seeds.**", ""]
+    if t:
+        lines += [
+            f"Budget: tiny preset ({t['train']['batch_size']} x {t['train']['seq_length']} "
+            f"tokens per step, {a.steps} steps = {a.steps * t['tokens_per_step']:,} tokens; "
+            f"AdamW lr {t['train']['lr']:g}, warmup {t['train']['warmup']}, cosine to 0 at step "
+            f"{a.steps}); the same schedule, data order and seed for every configuration. Val CE, "
+            f"R and u are the last evaluation's (step {a.steps}, {t['train']['eval_batches']} "
+            "fixed validation batches). Values: mean ± sample SD [min, max] over seeds (one "
+            "value for one seed). tokens/s: training tokens over training time (evaluation "
+            "excluded, the first step's compilation included); wall time: the whole `kssm "
+            "train` process. Non-finite: steps skipped because the loss or gradients were not "
+            "finite.",
+            "",
+        ]
+    lines += [
+        "| configuration | seeds | val CE (nats) | val R | u | tokens/s | wall time (s) | "
+        "params | non-finite |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    means = {}
+    for c in a.configs:
+        got = [r for r in results[c].values() if r]
+        if not got:
+            lines.append(f"| {CONFIGS[c][0]} | 0 | not run yet | | | | | | |")
+            continue
+        means[c] = statistics.fmean(r["val_ce"] for r in got)
+        col = [spread([r[k] for r in got], d) for k, d in KEYS]
+        skipped = sum(r["skipped"] for r in got)
+        lines.append(
+            f"| {CONFIGS[c][0]} | {len(got)} | {' | '.join(col)} | "
+            f"{got[0]['params']:,} | {skipped} |"
+        )
+    if unigram is not None:
+        lines.append(f"| unigram baseline | | {unigram:.2f} | | | | | | |")
+        lines.append(f"| interpolated bigram baseline | | {bigram:.2f} | | | | | | |")
+    lines += ["", "What the means say:", "", *findings(means, bigram, n), "", "## Per run", ""]
+    lines += [
+        "| configuration | seed | val CE by eval step | val R by eval step |",
+        "|---|---|---|---|",
+    ]
+    samples = ["", "Sample text at the last evaluation (the trainer's own sample):", ""]
+    for c, s, r in done:
+        ce = ", ".join(f"{st}: {v:.3f}" for st, v in r["ce_path"])
+        rr = ", ".join(f"{st}: {v:.3f}" for st, v in r["R_path"] if v is not None)
+        lines.append(f"| {CONFIGS[c][0]} | {s} | {ce} | {rr or 'n/a'} |")
+        sample = r["sample"].replace("\n", "\\n").replace("`", "'")
+        samples.append(f"- {CONFIGS[c][0]}, seed {s}: `{sample}`")
+    lines += [*samples, "", "## Forcing R in (2)", ""]
+    lines += [row for s in a.seeds for row in intervene_rows(a, s)] or ["Not run yet.", ""]
+    lines += ["## How this was made", "", "```", command, "```", ""]
+    lines += [
+        f"- commit: {commit()}",
+        f"- machine: {machine()}",
+        f"- date: {started} (table written {now()})",
+        f"- run folders: `{a.out / a.data.name / f'steps{a.steps}'}` (rerun to resume or add seeds)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    command = "python benchmarks/ssm_experiment.py " + shlex.join(sys.argv[1:])
+    started = now()
+    a.out.mkdir(parents=True, exist_ok=True)
+    a.table.parent.mkdir(parents=True, exist_ok=True)
+
+    def write_table():
+        write_text(a.table, table(a, command, started))
+        print(f"table: {a.table}")
+
+    if not a.table_only:
+        for seed in a.seeds:
+            for config in a.configs:
+                train(a, config, seed)
+                write_table()
+            if a.intervene.lower() != "none" and INTERVENED in a.configs:
+                intervene(a, seed)
+    write_table()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""benchmarks/ssm_experiment.py without training: its schedule arithmetic, its summary of
+seeds, its reading of run folders (resumed legs included) and its one-line input errors."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "ssm_experiment.py"
+spec = importlib.util.spec_from_file_location("ssm_experiment", SCRIPT)
+exp = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(exp)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 7, 300, 600, 1200, 997])
+def test_eval_interval_ends_on_the_last_step(steps):
+    every = exp.eval_interval(steps)
+    assert steps % every == 0 and steps // every <= 4
+
+
+def test_spread_mean_sd_range():
+    assert exp.spread([6.0]) == "6.000"
+    assert exp.spread([6.0, 6.2, 6.4]) == "6.200 ± 0.200 [6.000, 6.400]"
+    assert exp.spread([float("nan")]) == "n/a"
+
+
+def test_collect_keeps_the_last_row_of_a_repeated_step(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("train.txt", "valid.txt"):
+        (corpus / name).write_text("text\n")
+    a = exp.parse_args(["--data", str(corpus), "--steps", "20", "--out", str(tmp_path / "o")])
+    run = exp.run_dir(a, "ssm", 42)
+    run.mkdir(parents=True)
+    (run / "train_config.json").write_text(json.dumps({"n_params": 1234}))
+    rows = [
+        {"kind": "train", "step": 10, "skipped": 1, "tokens": 10240, "elapsed_s": 10.0},
+        {"kind": "eval", "step": 10, "val_ce": 9.0, "val_R": 0.3, "val_u": 1.0},
+        {"kind": "train", "step": 20, "skipped": 3, "tokens": 20480, "elapsed_s": 30.0},  # killed
+        {"kind": "start", "step": 10, "from": "checkpoints/step_00000010"},  # the resumed leg
+        {"kind": "train", "step": 20, "skipped": 0, "tokens": 20480, "elapsed_s": 16.0},
+        {"kind": "eval", "step": 20, "val_ce": 8.0, "val_R": 0.4, "val_u": 2.0, "sample": "s"},
+    ]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + '\n{"kind": "tr')
+    (run.parent / "seed42.wall.json").write_text(json.dumps([{"seconds": 5}, {"seconds": 7}]))
+    got = exp.collect(a, "ssm", 42)
+    assert (got["val_ce"], got["val_R"], got["params"], got["skipped"]) == (8.0, 0.4, 1234, 1)
+    assert got["tok_s"] == pytest.approx(20480 / 16.0) and got["wall_s"] == 12
+    assert got["ce_path"] == [(10, 9.0), (20, 8.0)]
+    assert exp.collect(a, "v3", 42) is None  # not run yet
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "/nonexistent"], "expected a folder with train.txt"),
+        (["--configs", "v3,nope"], "unknown nope"),
+        (["--steps", "300", "--eval-every", "7"], "must divide --steps 300"),
+        (["--seeds", "4x"], "comma list of integers"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    (tmp_path / "train.txt").write_text("a\n")
+    (tmp_path / "valid.txt").write_text("a\n")
+    argv = argv if argv[0] == "--data" else ["--data", str(tmp_path), *argv]
+    with pytest.raises(SystemExit) as stop:
+        exp.parse_args(argv)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and message in err and "\n" not in err
