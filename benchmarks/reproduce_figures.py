@@ -7,7 +7,7 @@ cross-entropy and the published value it should match.
 
     python benchmarks/reproduce_figures.py            # every figure (~4 runs of the tiny preset)
     python benchmarks/reproduce_figures.py --quick    # the README's first command only
-    python benchmarks/reproduce_figures.py --figures wiki-seed-1 wiki-seed-7
+    python benchmarks/reproduce_figures.py --figures wiki-seed-42 wiki-seed-1
 
 When a figure changes, update PUBLISHED below together with the document that states it.
 """
@@ -49,9 +49,8 @@ def wiki_leads(seed: int, published: float | None) -> Figure:
 
 PUBLISHED = (
     Figure("readme", ("--preset", "tiny"), None, "README.md, first command"),
-    wiki_leads(42, None),
-    wiki_leads(7, None),
-    wiki_leads(1, None),
+    wiki_leads(42, 6.895),
+    wiki_leads(1, 6.496),
 )
 FIGURES = {f.name: f for f in PUBLISHED}
 
