@@ -183,8 +183,8 @@ def markdown(report: Report, command: str = "kssm bench") -> str:
             r.config,
             r.path,
             r.shape,
-            f"{r.tokens_per_s:,.1f}" if r.tokens_per_s else "failed",
-            f"{r.ms:,.1f}" if r.ms else "",
+            _figure(r.tokens_per_s) if r.tokens_per_s else "failed",
+            _figure(r.ms),
             _mib(r.peak_bytes),
             _mib(r.rss_bytes),
             r.ratio,
@@ -192,6 +192,13 @@ def markdown(report: Report, command: str = "kssm bench") -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _figure(x: float | None) -> str:
+    """Three significant digits at least: 0.0112 tokens/s must not print as 0.0."""
+    if x is None:
+        return ""
+    return f"{x:,.1f}" if x >= 100 else f"{x:.3g}"
 
 
 def _mib(n: int | None) -> str:

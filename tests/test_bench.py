@@ -70,9 +70,10 @@ def test_blas_and_table_name_what_is_in_use(monkeypatch):
         platform="Linux x86_64", cpu="cpu", cores=2, date="d", mlx="0.32", device="cpu",
         metal=False, cuda=False, blas="b", torch="not installed", kernels="k",
     )  # fmt: skip
-    report = Report(machine, {}, [Row("train step", "tiny", "reference", "1 x 8", 10.0, 100.0)])
-    text = markdown(report)
-    assert "| train step | tiny | reference | 1 x 8 | 10.0 | 100.0 |" in text
+    row = Row("generation", "tiny", "recompute", "1 x 8", 0.0112, 89113.3, 3 << 20)
+    text = markdown(Report(machine, {}, [row]))
+    # a slow rate keeps three significant digits (it once printed as 0.0)
+    assert "| generation | tiny | recompute | 1 x 8 | 0.0112 | 89,113.3 | 3.0 |" in text
 
 
 def test_torch_reference_is_this_model():
