@@ -47,7 +47,7 @@ def test_a_config_that_does_not_fit_is_one_line_and_quick(folder, changes, words
     with pytest.raises(ModelFolderError, match=None) as err:
         mlx_kssm.load(folder)
     assert words in str(err.value) and "\n" not in str(err.value)
-    assert time.perf_counter() - started < 5
+    assert time.perf_counter() - started < 30  # no model is built: ~0.1 s idle
 
 
 def test_a_config_that_is_not_an_object_or_not_json(folder):
