@@ -66,9 +66,9 @@ app.command("intervene", help="Force R and measure whether the output changes.")
 app.command("ablate", help="Bistable vs monostable: the published ablation.")(
     cmd_experiments.ablate
 )
-app.command("convert", help="Convert a PyTorch K-SSM v3 checkpoint (no torch needed).")(
-    cmd_convert.convert
-)
+app.command(
+    "convert", help="Convert a PyTorch K-SSM v3 or Phase-Mamba checkpoint (no torch needed)."
+)(cmd_convert.convert)
 app.command("compare", help="Compare two models on the same prompts (Phase-Mamba baseline).")(
     cmd_experiments.compare
 )

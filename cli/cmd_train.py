@@ -85,7 +85,7 @@ def train(
         help=_with_default(
             "Architecture: v3 (the published K-SSM, no sequence mixing) | ssm (K-SSM with a "
             "selective scan) | phase_mamba (an oscillator core on a frozen mlx-lm Mamba, "
-            "needs --base).",
+            "needs --base) | mamba_lm (mlx-lm's Mamba, a base to hook into).",
             "v3",
         ),
         rich_help_panel=_MODEL,

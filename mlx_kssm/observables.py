@@ -36,6 +36,9 @@ def in_goldilocks(R: Sequence[float], U: Sequence[float]) -> np.ndarray:
 
 
 def goldilocks_fraction(R: Sequence[float], U: Sequence[float]) -> float:
-    """Fraction of steps in the Goldilocks zone (NaN for no steps)."""
+    """Fraction of steps in the Goldilocks zone (NaN for no steps, and for a model without
+    oscillators, whose R is NaN: it is undefined there, not 0)."""
     inside = in_goldilocks(R, U)
-    return float(inside.mean()) if inside.size else math.nan
+    if not inside.size or np.isnan(np.asarray(R, dtype=float)).all():
+        return math.nan
+    return float(inside.mean())
