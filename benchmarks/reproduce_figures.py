@@ -48,7 +48,7 @@ def wiki_leads(seed: int, published: float | None) -> Figure:
 
 
 PUBLISHED = (
-    Figure("readme", ("--preset", "tiny"), None, "README.md, first command"),
+    Figure("readme", ("--preset", "tiny"), 6.435, "README.md, first command"),
     wiki_leads(42, 6.895),
     wiki_leads(1, 6.496),
 )
