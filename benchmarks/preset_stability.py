@@ -32,6 +32,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_kssm.numpy_head as numpy_head
+import mlx_kssm.trainer as trainer
 import mlx_kssm.training as training
 from mlx_kssm.config import model_args_for, train_args_for
 
@@ -60,14 +61,14 @@ def apply_perturbation(name: str) -> None:
     if name == "chunk256":
         numpy_head.NumpyHead.__init__.__defaults__ = (None, 256)
     elif name == "init-ulp":
-        build = training.build_model
+        build = trainer.build_model  # the Trainer builds the model
 
         def build_nudged(model_args):
             model = build(model_args)
             nudge_one_ulp(model)
             return model
 
-        training.build_model = build_nudged
+        trainer.build_model = build_nudged
 
 
 def metrics_rows(run: Path, kind: str) -> list[dict]:
