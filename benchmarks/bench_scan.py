@@ -21,6 +21,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_kssm.bench import cpu_name
 from mlx_kssm.ops import default_chunk_size, selective_scan, selective_scan_sequential
 
 
@@ -94,17 +95,6 @@ def measure(calls, repeats):
             best[name] = min(best[name], time.perf_counter() - start)
             extra[name] = max(extra[name], (mx.get_peak_memory() - base) / 2**20)
     return best, extra
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main():
