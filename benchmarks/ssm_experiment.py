@@ -294,9 +294,10 @@ def findings(means: dict[str, float], bigram: float | None, n_seeds: int) -> lis
     compare("ssm", "ssm-mono", "(2) vs (3), bistable vs monostable")
     if n_seeds < 3:
         out.append(
-            f"- With {n_seeds} seed(s) there is no estimate of seed noise here; three v3 seeds "
-            "at 300 steps spread over ~0.1 nats (benchmarks/RESULTS.md), so differences "
-            "smaller than that are not evidence."
+            f"- With {n_seeds} seed(s) there is no estimate of seed noise here, and at the tiny "
+            "preset's learning rate training is chaotic: a one-ulp-level change moved a 300-step "
+            "v3 result by up to 0.3 nats (benchmarks/RESULTS.md), so differences of that size "
+            "are not evidence."
         )
     return out
 
