@@ -5,8 +5,9 @@ rounding-level perturbation, and prints the final validation cross-entropy, so t
 that differ only by float rounding can be compared:
 
 - ``none``: the run as `kssm train` would do it.
-- ``chunk256``: the numpy head sums the embedding's gradient over chunks of 256 tokens instead
-  of 512 (same math, another summation order: changes in the last bits of dE each step).
+- ``chunk256`` (or ``chunk128``): the numpy head sums the embedding's gradient over chunks of
+  256 (128) tokens instead of 512 (same math, another summation order: changes in the last bits
+  of dE each step).
 - ``init-ulp``: every initial weight moved one ulp towards +inf before the first step.
 
 A training recipe is reproducible across commits and machines only if ``none`` and the
@@ -36,15 +37,17 @@ import mlx_kssm.trainer as trainer
 import mlx_kssm.training as training
 from mlx_kssm.config import model_args_for, train_args_for
 
-PERTURBATIONS = ("none", "chunk256", "init-ulp")
+PERTURBATIONS = ("none", "chunk256", "chunk128", "init-ulp")
 OVERRIDABLE = {  # flag -> type, for the recipe knobs explored here
     "lr": float,
     "warmup": int,
+    "beta1": float,
     "beta2": float,
     "grad_clip": float,
     "weight_decay": float,
     "batch_size": int,
     "steps": int,
+    "lambda_reg": float,
 }
 
 
@@ -58,8 +61,8 @@ def nudge_one_ulp(model) -> None:
 
 
 def apply_perturbation(name: str) -> None:
-    if name == "chunk256":
-        numpy_head.NumpyHead.__init__.__defaults__ = (None, 256)
+    if name.startswith("chunk"):
+        numpy_head.NumpyHead.__init__.__defaults__ = (None, int(name.removeprefix("chunk")))
     elif name == "init-ulp":
         build = trainer.build_model  # the Trainer builds the model
 
@@ -71,6 +74,20 @@ def apply_perturbation(name: str) -> None:
         trainer.build_model = build_nudged
 
 
+STEP_GRAD_NORMS: list[float] = []  # every step's global gradient norm (before clipping)
+
+
+def record_grad_norms() -> None:
+    train_step = training.Trainer.train_step
+
+    def recorded(self):
+        metrics = train_step(self)
+        STEP_GRAD_NORMS.append(metrics["grad_norm"])
+        return metrics
+
+    training.Trainer.train_step = recorded
+
+
 def metrics_rows(run: Path, kind: str) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r.get("kind") == kind]
@@ -78,6 +95,7 @@ def metrics_rows(run: Path, kind: str) -> list[dict]:
 
 def run_once(data: str, seed: int, perturb: str, overrides: dict) -> dict:
     apply_perturbation(perturb)
+    record_grad_norms()
     with tempfile.TemporaryDirectory(prefix="kssm-stability-") as tmp:
         args = train_args_for(
             "tiny", data=data, seed=seed, out=str(Path(tmp) / "run"), sample_tokens=0, **overrides
@@ -87,6 +105,7 @@ def run_once(data: str, seed: int, perturb: str, overrides: dict) -> dict:
         seconds = time.perf_counter() - started
         evals, trains = metrics_rows(run, "eval"), metrics_rows(run, "train")
     return {
+        "data": Path(data).name,
         "seed": seed,
         "perturb": perturb,
         "overrides": overrides,
@@ -94,7 +113,11 @@ def run_once(data: str, seed: int, perturb: str, overrides: dict) -> dict:
         "val_ce": evals[-1]["val_ce"],
         "val_ce_by_step": {r["step"]: round(r["val_ce"], 4) for r in evals},
         "train_ce_by_step": {r["step"]: round(r["ce"], 4) for r in trains},
+        "val_R_by_step": {r["step"]: [round(x, 3) for x in r["val_R_layers"]] for r in evals},
+        "val_u_by_step": {r["step"]: [round(x, 3) for x in r["val_u_layers"]] for r in evals},
         "grad_norm_by_step": {r["step"]: round(r["grad_norm"], 3) for r in trains},
+        "grad_norm_max": round(max(STEP_GRAD_NORMS), 3),
+        "steps_clipped": sum(n > args.grad_clip for n in STEP_GRAD_NORMS),
         "seconds": round(seconds, 1),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
     }
@@ -102,7 +125,7 @@ def run_once(data: str, seed: int, perturb: str, overrides: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="corpus folder (train.txt, valid.txt)")
+    parser.add_argument("--data", required=True, help="corpus folder, or sotu-sample")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--perturb", choices=PERTURBATIONS, default="none")
     parser.add_argument("--log", default=str(Path(__file__).with_name("preset_stability.jsonl")))
