@@ -80,9 +80,10 @@ STEP_GRAD_NORMS: list[float] = []  # every step's global gradient norm (before c
 def record_grad_norms() -> None:
     train_step = training.Trainer.train_step
 
-    def recorded(self):
-        metrics = train_step(self)
-        STEP_GRAD_NORMS.append(metrics["grad_norm"])
+    def recorded(self, *args, **kwargs):
+        metrics = train_step(self, *args, **kwargs)
+        if metrics is not None:  # None: stopped between micro-batches
+            STEP_GRAD_NORMS.append(metrics["grad_norm"])
         return metrics
 
     training.Trainer.train_step = recorded
