@@ -1,36 +1,36 @@
 """Issue 11's experiment: do the oscillators help once the model can use context?
 
-Trains, at one token budget (the tiny preset's 16 x 64 tokens per step, the same schedule and
-seed for all), four models and writes a markdown table with the unigram and bigram baselines:
+Trains, at one token budget (the tiny preset's model size; RECIPE below: 16 x 64 tokens per
+step, lr 3e-2; the same schedule and seed for all), four models and writes a markdown table with the unigram and bigram baselines:
 
     v3          (1) K-SSM v3, bistable (the published model: no sequence mixing)
     ssm         (2) K-SSM with a selective scan, bistable
     ssm-mono    (3) the same, monostable (u not clamped)
     ssm-nobank  (4) the same SSM without oscillator banks (the control, within 2% of params)
 
-Each run is an ordinary `kssm train` run folder under --out; then `kssm intervene` forces R in
-(2). Rerunning the same command skips finished runs, resumes interrupted ones from their newest
-checkpoint and only rewrites the table, so seeds can be added later (--seeds 42,7,1).
+Each run is an ordinary `kssm train` run folder under --out; `kssm intervene` then forces R in
+(2). Rerunning skips finished runs and resumes interrupted ones, so seeds can be added later
+(--seeds 42,7,1). Text between the table's notes markers is kept when the table is rewritten.
+The table itself is written by ssm_report.py.
 
-    python benchmarks/ssm_experiment.py --data ../shared/corpora/wiki-leads --steps 600 \\
-        --seeds 42 --out runs/ssm_experiment --table benchmarks/SSM_RESULTS.md
+    python benchmarks/ssm_experiment.py --data ../shared/corpora/wiki-leads --steps 300 \\
+        --seeds 42,7,1 --out runs/ssm_experiment --table benchmarks/SSM_RESULTS.md
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import json
 import math
-import os
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ssm_report  # noqa: E402  (the markdown; beside this file)
 
 CONFIGS = {  # name -> (label, kssm train flags)
     "v3": ("(1) v3 bistable", ["--arch", "v3"]),
@@ -38,11 +38,13 @@ CONFIGS = {  # name -> (label, kssm train flags)
     "ssm-mono": ("(3) ssm monostable", ["--arch", "ssm", "--monostable"]),
     "ssm-nobank": ("(4) ssm without banks", ["--arch", "ssm", "--set", "oscillators=false"]),
 }
+# The recipe is pinned here (the tiny preset's as of 2026-11-30, when these runs started) so that
+# a later change of the preset does not mix two recipes in one table.
+RECIPE = ["--batch-size", "16", "--grad-accum", "1", "--seq-length", "64"]
+RECIPE += ["--lr", "3e-2", "--warmup", "30", "--beta2", "0.99", "--eval-batches", "8"]
 INTERVENED = "ssm"  # the configuration `kssm intervene` runs on
 # Reference cross-entropies (nats per cl100k token, valid split): ../shared/docs/environment.md
 BASELINES = {"wiki-leads": (7.48, 5.84), "sotu": (7.14, 5.90)}
-REPO = Path(__file__).resolve().parent.parent
-KEYS = [("val_ce", 3), ("val_R", 3), ("val_u", 3), ("tok_s", 0), ("wall_s", 0)]  # table columns
 
 
 def fail(message: str) -> None:
@@ -91,13 +93,15 @@ def eval_interval(steps: int, evals: int = 4) -> int:
 def kssm() -> str:
     beside = Path(sys.executable).parent / "kssm"
     found = str(beside) if beside.exists() else shutil.which("kssm")
-    if not found:
-        fail("the kssm command is not installed: pip install -e . in this repository")
-    return found
+    return found or fail("the kssm command is not installed: pip install -e . in this repository")
 
 
 def run_dir(a, config: str, seed: int) -> Path:
     return a.out / a.data.name / f"steps{a.steps}" / config / f"seed{seed}"
+
+
+def intervene_json(a, seed: int) -> Path:
+    return run_dir(a, INTERVENED, seed).parent / f"seed{seed}.intervene.json"
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -151,7 +155,7 @@ def train(a, config: str, seed: int) -> None:
             run.rename(aside)
             print(f"{run} had no checkpoint; kept it as {aside} and start again")
         run.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [kssm(), "train", "--preset", "tiny", *CONFIGS[config][1]]
+        cmd = [kssm(), "train", "--preset", "tiny", *RECIPE, *CONFIGS[config][1]]
         cmd += ["--data", str(a.data), "--seed", str(seed), "--out", str(run)]
         cmd += ["--steps", str(a.steps), "--decay-steps", str(a.steps)]
         cmd += ["--eval-every", str(a.eval_every), "--save-every", str(a.eval_every)]
@@ -166,8 +170,7 @@ def train(a, config: str, seed: int) -> None:
 
 
 def intervene(a, seed: int) -> None:
-    run = run_dir(a, INTERVENED, seed)
-    out = run.parent / f"{run.name}.intervene.json"
+    run, out = run_dir(a, INTERVENED, seed), intervene_json(a, seed)
     if out.exists() or not final_eval(run, a.steps):
         return
     cmd = [kssm(), "intervene", "--model", str(run), "--force-r", a.intervene]
@@ -180,6 +183,26 @@ def intervene(a, seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------- collecting
+
+
+def gather(a) -> dict:
+    """Everything the table shows, read back from the run folders."""
+    results = {c: {s: collect(a, c, s) for s in a.seeds} for c in a.configs}
+    done = [(c, s) for c in a.configs for s in a.seeds if results[c][s]]
+    interventions = {}
+    for seed in a.seeds:
+        path = intervene_json(a, seed)
+        if path.exists():
+            interventions[seed] = json.loads(path.read_text())
+    return {
+        "results": results,
+        "labels": {c: label for c, (label, _) in CONFIGS.items()},
+        "baselines": BASELINES.get(a.data.name, (None, None)),
+        "train_config": json.loads((run_dir(a, *done[0]) / "train_config.json").read_text())
+        if done
+        else None,
+        "interventions": interventions,
+    }
 
 
 def collect(a, config: str, seed: int) -> dict | None:
@@ -203,188 +226,19 @@ def collect(a, config: str, seed: int) -> dict | None:
         "R_path": [(step, r.get("val_R")) for step, r in evals],
         "ce_path": [(step, r["val_ce"]) for step, r in evals],
         "sample": last.get("sample", ""),
+        "started": next(r["time"] for r in rows if r.get("kind") == "start"),
     }
-
-
-def spread(values: list[float], digits: int = 3) -> str:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return "n/a"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    sd = statistics.stdev(values)
-    return (
-        f"{mean:.{digits}f} ± {sd:.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
-    )
-
-
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    names = [
-        ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")
-    ]
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (
-        f"{names[0] if names else 'unknown CPU'}, {os.cpu_count()} cores (shared; load average "
-        f"now {load}), MLX {importlib.metadata.version('mlx')}"
-    )
-
-
-def commit() -> str:
-    git = ["git", "-C", str(REPO)]
-    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-    dirty = subprocess.run([*git, "status", "--porcelain", "-uno"], capture_output=True).stdout
-    return head.strip() + (" (with uncommitted changes)" if dirty.strip() else "")
-
-
-def intervene_rows(a, seed: int) -> list[str]:
-    path = run_dir(a, INTERVENED, seed).parent / f"seed{seed}.intervene.json"
-    if not path.exists():
-        return []
-    result = json.loads(path.read_text())
-    tests = {(t["metric"], t["condition"]): t for t in result["tests"] if t.get("condition")}
-    lines = [
-        f"Seed {seed}: `kssm intervene` on (2), every layer forced, "
-        f"{result['settings']['n_segments']} teacher-forced segments, "
-        f"{result['settings']['n_prompts']} prompts x {result['settings']['trials']} trials.",
-        "",
-        "| condition | measured R | mean KL vs free [95% CI] | p (Holm) | dCE [95% CI] | "
-        "p (Holm) | Cohen's d (dCE) | outcome (KL / dCE) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for cond in result["conditions"]:
-        if cond["target_r"] is None:
-            lines.append(f"| free (control) | {cond['measured_r']:.3f} | | | | | | |")
-            continue
-        kl, dce = tests.get(("kl", cond["name"]), {}), tests.get(("ce", cond["name"]), {})
-        lines.append(
-            f"| {cond['name']} | {cond['measured_r']:.3f} | {ci(kl)} | {pval(kl)} | "
-            f"{ci(dce)} | {pval(dce)} | {dce.get('cohen_d', math.nan):.2f} | "
-            f"{kl.get('outcome', '?')} / {dce.get('outcome', '?')} |"
-        )
-    return [*lines, "", f"Verdict (as `kssm intervene` states it): {result['verdict']['text']}", ""]
-
-
-def ci(t: dict) -> str:
-    return f"{t['effect']:.4f} [{t['ci_low']:.4f}, {t['ci_high']:.4f}]" if t else "n/a"
-
-
-pval = lambda t: f"{t['p_holm']:.2g}" if t else "n/a"  # noqa: E731
-
-
-# ---------------------------------------------------------------------------- the table
-
-
-def findings(means: dict[str, float], bigram: float | None, n_seeds: int) -> list[str]:
-    """Plain statements of what the measured means say (no significance claimed)."""
-    out = []
-
-    def compare(a, b, what):
-        if a in means and b in means:
-            diff = means[a] - means[b]
-            side = "below" if diff < 0 else "above"
-            out.append(f"- {what}: {CONFIGS[a][0]} is {side} {CONFIGS[b][0]} by {abs(diff):.3f}")
-
-    compare("ssm", "v3", "(2) vs (1)")
-    if bigram is not None and "ssm" in means:
-        side = "below" if means["ssm"] < bigram else "above"
-        out.append(f"- (2) vs the bigram: {means['ssm']:.3f} is {side} {bigram:.2f}")
-    compare("ssm", "ssm-nobank", "(2) vs (4), do oscillators help")
-    compare("ssm", "ssm-mono", "(2) vs (3), bistable vs monostable")
-    if n_seeds < 3:
-        out.append(
-            f"- With {n_seeds} seed(s) there is no estimate of seed noise here, and at the tiny "
-            "preset's learning rate training is chaotic: a one-ulp-level change moved a 300-step "
-            "v3 result by up to 0.3 nats (benchmarks/RESULTS.md), so differences of that size "
-            "are not evidence."
-        )
-    return out
-
-
-def table(a, command: str, started: str) -> str:
-    unigram, bigram = BASELINES.get(a.data.name, (None, None))
-    results = {c: {s: collect(a, c, s) for s in a.seeds} for c in a.configs}
-    n = len({s for c in a.configs for s in a.seeds if results[c][s]})
-    done = [(c, s, r) for c in a.configs for s, r in results[c].items() if r]
-    t = done and json.loads((run_dir(a, done[0][0], done[0][1]) / "train_config.json").read_text())
-    lines = [f"# Issue 11: K-SSM with a selective scan vs K-SSM v3 on {a.data.name}", ""]
-    if n < 3:
-        seeds = "One seed" if n == 1 else f"{n} seeds"
-        lines += [f"**{seeds}, {a.steps} steps: preliminary; the issue asks for three seeds.**", ""]
-    if t:
-        lines += [
-            f"Budget: tiny preset ({t['train']['batch_size']} x {t['train']['seq_length']} "
-            f"tokens per step, {a.steps} steps = {a.steps * t['tokens_per_step']:,} tokens; "
-            f"AdamW lr {t['train']['lr']:g}, warmup {t['train']['warmup']}, cosine to 0 at step "
-            f"{a.steps}); the same schedule, data order and seed for every configuration. Val CE, "
-            f"R and u are the last evaluation's (step {a.steps}, {t['train']['eval_batches']} "
-            "fixed validation batches). Values: mean ± sample SD [min, max] over seeds (one "
-            "value for one seed). tokens/s: training tokens over training time (evaluation "
-            "excluded, the first step's compilation included); wall time: the whole `kssm "
-            "train` process. Non-finite: steps skipped because the loss or gradients were not "
-            "finite.",
-            "",
-        ]
-    lines += [
-        "| configuration | seeds | val CE (nats) | val R | u | tokens/s | wall time (s) | "
-        "params | non-finite |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    means = {}
-    for c in a.configs:
-        got = [r for r in results[c].values() if r]
-        if not got:
-            lines.append(f"| {CONFIGS[c][0]} | 0 | not run yet | | | | | | |")
-            continue
-        means[c] = statistics.fmean(r["val_ce"] for r in got)
-        col = [spread([r[k] for r in got], d) for k, d in KEYS]
-        skipped = sum(r["skipped"] for r in got)
-        lines.append(
-            f"| {CONFIGS[c][0]} | {len(got)} | {' | '.join(col)} | "
-            f"{got[0]['params']:,} | {skipped} |"
-        )
-    if unigram is not None:
-        lines.append(f"| unigram baseline | | {unigram:.2f} | | | | | | |")
-        lines.append(f"| interpolated bigram baseline | | {bigram:.2f} | | | | | | |")
-    lines += ["", "What the means say:", "", *findings(means, bigram, n), "", "## Per run", ""]
-    lines += [
-        "| configuration | seed | val CE by eval step | val R by eval step |",
-        "|---|---|---|---|",
-    ]
-    samples = ["", "Sample text at the last evaluation (the trainer's own sample):", ""]
-    for c, s, r in done:
-        ce = ", ".join(f"{st}: {v:.3f}" for st, v in r["ce_path"])
-        rr = ", ".join(f"{st}: {v:.3f}" for st, v in r["R_path"] if v is not None)
-        lines.append(f"| {CONFIGS[c][0]} | {s} | {ce} | {rr or 'n/a'} |")
-        sample = r["sample"].replace("\n", "\\n").replace("`", "'")
-        samples.append(f"- {CONFIGS[c][0]}, seed {s}: `{sample}`")
-    lines += [*samples, "", "## Forcing R in (2)", ""]
-    lines += [row for s in a.seeds for row in intervene_rows(a, s)] or ["Not run yet.", ""]
-    lines += ["## How this was made", "", "```", command, "```", ""]
-    lines += [
-        f"- commit: {commit()}",
-        f"- machine: {machine()}",
-        f"- date: {started} (table written {now()})",
-        f"- run folders: `{a.out / a.data.name / f'steps{a.steps}'}` (rerun to resume or add seeds)",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    command = "python benchmarks/ssm_experiment.py " + shlex.join(sys.argv[1:])
-    started = now()
+    argv = [x for x in (sys.argv[1:] if argv is None else argv) if x != "--table-only"]
+    command = "python benchmarks/ssm_experiment.py " + shlex.join(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     a.table.parent.mkdir(parents=True, exist_ok=True)
 
     def write_table():
-        write_text(a.table, table(a, command, started))
+        write_text(a.table, ssm_report.table(a, command, **gather(a)))
         print(f"table: {a.table}")
 
     if not a.table_only:

@@ -20,9 +20,9 @@ def test_eval_interval_ends_on_the_last_step(steps):
 
 
 def test_spread_mean_sd_range():
-    assert exp.spread([6.0]) == "6.000"
-    assert exp.spread([6.0, 6.2, 6.4]) == "6.200 ± 0.200 [6.000, 6.400]"
-    assert exp.spread([float("nan")]) == "n/a"
+    assert exp.ssm_report.spread([6.0]) == "6.000"
+    assert exp.ssm_report.spread([6.0, 6.2, 6.4]) == "6.200 ± 0.200 [6.000, 6.400]"
+    assert exp.ssm_report.spread([float("nan")]) == "n/a"
 
 
 def test_collect_keeps_the_last_row_of_a_repeated_step(tmp_path):
@@ -35,10 +35,16 @@ def test_collect_keeps_the_last_row_of_a_repeated_step(tmp_path):
     run.mkdir(parents=True)
     (run / "train_config.json").write_text(json.dumps({"n_params": 1234}))
     rows = [
+        {"kind": "start", "step": 0, "time": "2026-11-30T02:19:00+0000", "from": None},
         {"kind": "train", "step": 10, "skipped": 1, "tokens": 10240, "elapsed_s": 10.0},
         {"kind": "eval", "step": 10, "val_ce": 9.0, "val_R": 0.3, "val_u": 1.0},
         {"kind": "train", "step": 20, "skipped": 3, "tokens": 20480, "elapsed_s": 30.0},  # killed
-        {"kind": "start", "step": 10, "from": "checkpoints/step_00000010"},  # the resumed leg
+        {
+            "kind": "start",
+            "step": 10,
+            "time": "2026-11-30T03:00:00+0000",
+            "from": "x",
+        },  # the resumed leg
         {"kind": "train", "step": 20, "skipped": 0, "tokens": 20480, "elapsed_s": 16.0},
         {"kind": "eval", "step": 20, "val_ce": 8.0, "val_R": 0.4, "val_u": 2.0, "sample": "s"},
     ]
@@ -48,6 +54,7 @@ def test_collect_keeps_the_last_row_of_a_repeated_step(tmp_path):
     assert (got["val_ce"], got["val_R"], got["params"], got["skipped"]) == (8.0, 0.4, 1234, 1)
     assert got["tok_s"] == pytest.approx(20480 / 16.0) and got["wall_s"] == 12
     assert got["ce_path"] == [(10, 9.0), (20, 8.0)]
+    assert got["started"] == "2026-11-30T02:19:00+0000"
     assert exp.collect(a, "v3", 42) is None  # not run yet
 
 
