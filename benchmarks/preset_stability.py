@@ -94,7 +94,7 @@ def metrics_rows(run: Path, kind: str) -> list[dict]:
     return [r for r in rows if r.get("kind") == kind]
 
 
-def run_once(data: str, seed: int, perturb: str, overrides: dict) -> dict:
+def run_once(data: str, seed: int, perturb: str, overrides: dict, model_overrides: dict) -> dict:
     apply_perturbation(perturb)
     record_grad_norms()
     with tempfile.TemporaryDirectory(prefix="kssm-stability-") as tmp:
@@ -102,7 +102,7 @@ def run_once(data: str, seed: int, perturb: str, overrides: dict) -> dict:
             "tiny", data=data, seed=seed, out=str(Path(tmp) / "run"), sample_tokens=0, **overrides
         )
         started = time.perf_counter()
-        run = training.run_training(args, model_args_for("tiny"))
+        run = training.run_training(args, model_args_for("tiny", **model_overrides))
         seconds = time.perf_counter() - started
         evals, trains = metrics_rows(run, "eval"), metrics_rows(run, "train")
     return {
@@ -110,6 +110,7 @@ def run_once(data: str, seed: int, perturb: str, overrides: dict) -> dict:
         "seed": seed,
         "perturb": perturb,
         "overrides": overrides,
+        "model_overrides": model_overrides,
         "steps": args.steps,
         "val_ce": evals[-1]["val_ce"],
         "val_ce_by_step": {r["step"]: round(r["val_ce"], 4) for r in evals},
@@ -132,9 +133,11 @@ def main() -> None:
     parser.add_argument("--log", default=str(Path(__file__).with_name("preset_stability.jsonl")))
     for flag, kind in OVERRIDABLE.items():
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None)
+    parser.add_argument("--monostable", action="store_true", help="the model without u's clamp")
     opts = parser.parse_args()
     overrides = {k: getattr(opts, k) for k in OVERRIDABLE if getattr(opts, k) is not None}
-    row = run_once(opts.data, opts.seed, opts.perturb, overrides)
+    model_overrides = {"bistable": False} if opts.monostable else {}
+    row = run_once(opts.data, opts.seed, opts.perturb, overrides, model_overrides)
     print(json.dumps(row))
     with open(opts.log, "a") as f:
         f.write(json.dumps(row) + "\n")

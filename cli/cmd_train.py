@@ -183,7 +183,9 @@ def train(
     lambda_reg: float | None = typer.Option(
         None,
         "--lambda-reg",
-        help=_with_default("Weight of the regulariser.", "0.5 bistable, 0.0 monostable"),
+        help=_with_default(
+            "Weight of the regulariser.", "0.5 bistable, 0.0 monostable and with --preset tiny"
+        ),
         rich_help_panel=_SCHEDULE,
     ),
     eval_every: int | None = typer.Option(
@@ -377,8 +379,14 @@ def _print_config(train_args, model_args) -> None:
     from mlx_kssm.schedule import aux_weight_for
     from mlx_kssm.training import check_args
 
+    from mlx_kssm.models.base import ConfigError
+
     check_args(train_args, model_args)
-    weight = aux_weight_for(train_args, build_model(model_args))  # lazy arrays: nothing computed
+    try:
+        model = build_model(model_args)  # lazy arrays: nothing computed
+    except ConfigError as err:  # e.g. a Phase-Mamba with neither --base nor a vocabulary
+        fail(f"{_one_line(err)}; fix the configuration (e.g. --base PATH), then --print-config")
+    weight = aux_weight_for(train_args, model)
     train = {**train_args.to_dict(), "lambda_reg": weight}
     typer.echo(json.dumps({"train": train, "model": model_args.to_dict()}, indent=2))
 

@@ -129,7 +129,7 @@ def _resolve_args(preset, train_overrides, model_overrides, resume, model_type):
     if not resume:
         preset = preset or "published"
         model = model_args_for(preset, model_type or "kssm_v3", **model_overrides)
-        return train_args_for(preset, **train_overrides), model
+        return train_args_for(preset, model.model_type, **train_overrides), model
     out = Path(train_overrides.get("out") or TrainArgs.out)
     ckpt = find_checkpoint(True if resume is True else resume, out)
     recorded = _recorded_train_args(ckpt)
@@ -137,8 +137,8 @@ def _resolve_args(preset, train_overrides, model_overrides, resume, model_type):
     recorded.pop("preset", None)
     if "out" not in train_overrides and ckpt.parent.name == CHECKPOINTS_DIR:
         train_overrides = {**train_overrides, "out": str(ckpt.parent.parent)}
-    train = train_args_for(preset, **{**recorded, **train_overrides})
     saved = read_config(ckpt)
+    train = train_args_for(preset, saved.model_type, **{**recorded, **train_overrides})
     if model_type is not None and model_type != saved.model_type:
         raise TrainingInputError(
             f"{ckpt} holds a {saved.model_type} model, not {model_type}; drop --arch to resume it"

@@ -86,6 +86,20 @@ def test_print_config_resolves_the_preset_and_writes_nothing(tmp_path, monkeypat
     one_line_error(kssm("train", "--preset", "tiny", "--steps", "0", "--print-config"))
 
 
+def test_the_tiny_preset_drops_the_kssm_regulariser_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for arch, expected in (("v3", 0.0), ("ssm", 0.0)):
+        res = kssm("train", "--preset", "tiny", "--arch", arch, "--print-config")
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["train"]["lambda_reg"] == expected
+    res = kssm("train", "--preset", "tiny", "--lambda-reg", "0.5", "--print-config")
+    assert json.loads(res.stdout)["train"]["lambda_reg"] == 0.5  # the published loss, on request
+    assert train_args_for("tiny", "phase_mamba").lambda_reg is None  # its U weight is its own
+    assert train_args_for("published").lambda_reg is None
+    # A Phase-Mamba with neither a base nor a vocabulary cannot be built: one line, exit 2.
+    assert "--base" in one_line_error(kssm("train", "--arch", "phase_mamba", "--print-config"))
+
+
 # ---------------------------------------------------------------------------- usage errors
 
 
