@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ssm_report  # noqa: E402  (the markdown; beside this file)
 
 CONFIGS = {  # name -> (label, kssm train flags)
-    "v3": ("(1) v3 bistable", ["--arch", "v3"]),
-    "ssm": ("(2) ssm bistable", ["--arch", "ssm"]),
+    "v3": ("(1) v3 bistable", ["--arch", "v3", "--lambda-reg", "0.5"]),  # the published loss
+    "ssm": ("(2) ssm bistable", ["--arch", "ssm", "--lambda-reg", "0.5"]),
     "ssm-mono": ("(3) ssm monostable", ["--arch", "ssm", "--monostable"]),
     "ssm-nobank": ("(4) ssm without banks", ["--arch", "ssm", "--set", "oscillators=false"]),
 }
