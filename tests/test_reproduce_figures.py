@@ -62,11 +62,14 @@ def test_runs_the_published_command_and_reports_its_val_ce(figures, tmp_path, mo
 
     passed = json.loads((kept / "wiki-seed-1" / "argv.json").read_text())
     wiki = str(tmp_path / "corpora" / "wiki-leads")
-    assert passed[:8] == ["train", "--preset", "tiny", "--data", wiki, "--steps", "300", "--seed"]
-    assert passed[8] == "1"
+    assert passed[:7] == ["train", "--preset", "tiny", "--data", wiki, "--steps", "300"]
+    assert passed[7:11] == ["--lambda-reg", "0.5", "--seed", "1"]
     text = report.read_text()
     assert "| wiki-seed-1 |" in text and "| 6.432 |" in text and "| 12 s |" in text
-    assert "--data ../shared/corpora/wiki-leads --steps 300 --seed 1 --out OUT" in text
+    assert (
+        "--data ../shared/corpora/wiki-leads --steps 300 --lambda-reg 0.5 --seed 1 --out OUT"
+        in text
+    )
     assert "- commit: " in text and " cores" in text and "- MLX " in text
 
 
