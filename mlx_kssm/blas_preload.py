@@ -82,17 +82,31 @@ def is_x86_64_elf(path: str | os.PathLike) -> bool:
     )
 
 
-def loaded_mkl(maps: str | os.PathLike = "/proc/self/maps") -> str | None:
-    """The path of the libmkl_rt mapped into this process, or None (or not Linux)."""
+def mapped_files(maps: str | os.PathLike = "/proc/self/maps") -> set[str]:
+    """The files mapped into this process (empty where there is no /proc, e.g. macOS)."""
     try:
         with open(maps) as f:
-            for line in f:
-                path = line.split(maxsplit=5)[-1].strip()
-                if _LIBRARY.search(path):
-                    return path
+            rows = [line.split(maxsplit=5) for line in f]
     except OSError:
-        pass
-    return None
+        return set()
+    return {row[5].strip() for row in rows if len(row) == 6 and row[5].startswith("/")}
+
+
+def loaded_mkl(maps: str | os.PathLike = "/proc/self/maps") -> str | None:
+    """The path of the libmkl_rt mapped into this process, or None."""
+    return next((p for p in sorted(mapped_files(maps)) if _LIBRARY.search(p)), None)
+
+
+def preloaded_blas(environ: dict, maps: str | os.PathLike = "/proc/self/maps") -> str:
+    """Which BLAS ``LD_PRELOAD`` put in this process, checked against what is really mapped."""
+    mapped = mapped_files(maps)
+    for entry in _entries(environ.get("LD_PRELOAD", "")):
+        for marker, name in (("mkl", "Intel MKL"), ("openblas", "OpenBLAS"), ("blis", "BLIS")):
+            if marker in Path(entry).name.lower():
+                if os.path.realpath(entry) in mapped or entry in mapped:
+                    return f"{name}, preloaded ({entry})"
+                return f"MLX's bundled reference BLAS ({name} in LD_PRELOAD, not loaded: {entry})"
+    return "MLX's bundled reference BLAS (no BLAS preloaded)"
 
 
 # 2 x 3 through the library's cblas_sgemm, in a fresh interpreter without site-packages.
