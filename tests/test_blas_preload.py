@@ -111,6 +111,7 @@ def test_an_unusable_library_is_never_preloaded(tmp_path, monkeypatch):
         raise AssertionError(f"re-executed with {args}")
 
     monkeypatch.setattr(os, "execve", no_exec)
+    monkeypatch.setattr(blas_preload, "_refused", None)  # and back to None after the test
     monkeypatch.setattr(sys, "prefix", str(tmp_path))
     monkeypatch.setattr(blas_preload.platform, "system", lambda: "Linux")
     monkeypatch.setattr(blas_preload.platform, "machine", lambda: "x86_64")
@@ -120,7 +121,6 @@ def test_an_unusable_library_is_never_preloaded(tmp_path, monkeypatch):
     notice = blas_preload.start_up_notice()
     assert notice.startswith(f"kssm: Intel MKL ({fake}) not used, its check failed"), notice
     assert "\n" not in notice
-    monkeypatch.setattr(blas_preload, "_refused", None)
 
 
 def test_a_library_the_loader_refuses_does_not_break_kssm(tmp_path):
