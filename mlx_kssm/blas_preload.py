@@ -118,6 +118,7 @@ one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
 lib.cblas_sgemm(101, 111, 111, 1, 1, 1, one, a, 1, b, 1, zero, c, 1)
 sys.exit(0 if c[0] == 6.0 else 3)
 """
+_RANK_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")  # mlx.launch, MPI
 _refused: str | None = None  # why an installed MKL was not preloaded, for start_up_notice
 
 
@@ -158,7 +159,10 @@ def reexec_with_mkl() -> None:
 
 def start_up_notice(environ=os.environ) -> str | None:
     """One line for stderr: whether the re-executed process loaded MKL, or why an installed MKL
-    was not used; None when there was nothing to do."""
+    was not used; None when there was nothing to do, and on every rank but 0 of a distributed
+    run (rank 0 alone speaks there; README, "Training on several Macs")."""
+    if any(environ.get(name, "0").strip() not in ("", "0") for name in _RANK_VARIABLES):
+        return None
     asked = environ.get(MARKER)
     if not asked:
         return _refused

@@ -121,6 +121,10 @@ def test_an_unusable_library_is_never_preloaded(tmp_path, monkeypatch):
     notice = blas_preload.start_up_notice()
     assert notice.startswith(f"kssm: Intel MKL ({fake}) not used, its check failed"), notice
     assert "\n" not in notice
+    # in a distributed run only rank 0 says it
+    assert blas_preload.start_up_notice({"MLX_RANK": "0"}) == notice
+    for rank in ({"MLX_RANK": "1"}, {"OMPI_COMM_WORLD_RANK": "3"}, {"PMI_RANK": "2"}):
+        assert blas_preload.start_up_notice(rank) is None
 
 
 def test_a_library_the_loader_refuses_does_not_break_kssm(tmp_path):
