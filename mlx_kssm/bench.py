@@ -91,16 +91,15 @@ def kernels_active() -> bool:
     return dispatch.kernels_enabled() and dispatch.on_gpu()
 
 
-def blas_in_use() -> str:
+def blas_in_use(maps: str = "/proc/self/maps") -> str:
     """The BLAS MLX's CPU matmuls use: Accelerate on macOS; on Linux the bundled reference BLAS
-    unless a BLAS library is preloaded (LD_PRELOAD, see README 'Training on a Linux CPU')."""
+    unless one was preloaded and is mapped into this process (kssm preloads Intel MKL when the
+    `mkl` extra is installed: blas_preload; or a hand-set LD_PRELOAD)."""
     if sys.platform == "darwin":
         return "Accelerate (macOS)"
-    preload = os.environ.get("LD_PRELOAD", "")
-    for marker, name in (("mkl", "Intel MKL"), ("openblas", "OpenBLAS"), ("blis", "BLIS")):
-        if marker in preload.lower():
-            return f"{name} (LD_PRELOAD={preload})"
-    return "MLX's bundled reference BLAS (no LD_PRELOAD)"
+    from .blas_preload import preloaded_blas
+
+    return preloaded_blas(dict(os.environ), maps)
 
 
 def cpu_name() -> str:

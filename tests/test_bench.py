@@ -61,11 +61,16 @@ def test_json_path_that_is_a_folder_is_refused_before_running(tmp_path):
     assert result.exit_code == 2 and "is a folder" in result.output
 
 
-def test_blas_and_table_name_what_is_in_use(monkeypatch):
+def test_blas_and_table_name_what_is_in_use(monkeypatch, tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f10 r-xp 00000000 08:01 42    /venv/lib/libmkl_rt.so.3\n")
     monkeypatch.setenv("LD_PRELOAD", "/venv/lib/libmkl_rt.so.3")
-    assert blas_in_use().startswith("Intel MKL")
+    assert blas_in_use(str(maps)).startswith("Intel MKL, preloaded")
+    # named in LD_PRELOAD but not mapped (the loader refused it): not claimed
+    maps.write_text("7f00-7f10 r-xp 00000000 08:01 42    /usr/lib/libc.so.6\n")
+    assert blas_in_use(str(maps)).startswith("MLX's bundled reference BLAS (Intel MKL")
     monkeypatch.delenv("LD_PRELOAD")
-    assert "bundled" in blas_in_use()
+    assert "bundled" in blas_in_use(str(maps))
     machine = dict(
         platform="Linux x86_64", cpu="cpu", cores=2, date="d", mlx="0.32", device="cpu",
         metal=False, cuda=False, blas="b", torch="not installed", kernels="k",
