@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
+
+# The suite compares `kssm` subprocesses with in-process runs bit for bit, so both must use one
+# BLAS: with the mkl extra installed, `kssm` would otherwise restart itself with Intel MKL
+# preloaded (tests/test_blas_preload.py exercises that path on purpose).
+os.environ.setdefault("KSSM_MKL", "0")
 
 from mlx_kssm import Model, ModelArgs
 
