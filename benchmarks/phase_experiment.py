@@ -183,7 +183,10 @@ def stream(cmd: list[str], log: Path) -> int:
         code = proc.wait()
     walls = log.with_suffix(".wall.json")
     rows = json.loads(walls.read_text()) if walls.exists() else []
-    rows.append({"command": cmd[1], "seconds": time.perf_counter() - start, "exit": code})
+    seconds = time.perf_counter() - start
+    rows.append(
+        {"command": cmd[1], "seconds": seconds, "exit": code, "commit": phase_report.commit()}
+    )
     write_text(walls, json.dumps(rows, indent=1))
     if code:
         print(f"kssm {cmd[1]} exited {code}; see {log}", file=sys.stderr)
@@ -278,6 +281,7 @@ def collect(a, leg: str) -> dict:
         "last_train": trains[-1] if trains else None,
         "compare": load_json(run.parent / f"{leg}.compare.json"),
         "intervene": load_json(run.parent / f"{leg}.intervene.json"),
+        "commits": sorted({w.get("commit", "?") for w in walls}),
         "seconds": {
             kind: sum(w["seconds"] for w in walls if w["command"] == kind)
             for kind in ("train", "compare", "intervene")

@@ -21,6 +21,11 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def val(x) -> float:
+    """A number from the JSON, where strict JSON wrote NaN as null."""
+    return math.nan if x is None else float(x)
+
+
 def num(x, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
@@ -36,8 +41,10 @@ def pval(p) -> str:
 
 
 def with_ci(t: dict | None, sign: float = 1.0) -> str:
-    if not t:
+    if not t or t["effect"] is None:
         return "n/a"
+    if t["ci_low"] is None:
+        return num(sign * t["effect"])
     lo, hi = sorted((sign * t["ci_low"], sign * t["ci_high"]))
     return f"{num(sign * t['effect'])} [{num(lo)}, {num(hi)}]"
 
@@ -52,7 +59,8 @@ def tests_of(result: dict | None, test: str, metric: str) -> list[dict]:
 
 
 def largest(tests: list[dict]) -> dict | None:
-    return max(tests, key=lambda t: abs(t["effect"]), default=None)
+    defined = [t for t in tests if t["effect"] is not None]
+    return max(defined, key=lambda t: abs(t["effect"]), default=None)
 
 
 def largest_kl(result) -> dict | None:
@@ -205,47 +213,50 @@ def training_rows(legs: list[dict]) -> list[str]:
     return lines
 
 
-def findings(legs: list[dict], alpha: float = 0.01) -> list[str]:
+def effect(t: dict | None) -> float:
+    return val(t["effect"]) if t else math.nan
+
+
+def findings(legs: list[dict]) -> list[str]:
     """Plain statements of what the measured figures say, leg by leg, then across legs."""
     done = {leg["name"]: leg for leg in legs if leg["intervene"]}
     out = []
     for leg in done.values():
         iv = leg["intervene"]
-        kl, dce, u = largest_kl(iv), largest_dce(iv), anova(iv, "U")
+        kl, dce, u = effect(largest_kl(iv)), effect(largest_dce(iv)), anova(iv, "U")
         same = identical_fraction(iv)
         text = (
-            f"- {label(leg)}: largest mean KL {num(kl['effect'])} nats, largest |dCE| "
-            f"{num(abs(dce['effect']))} nats, forced text identical to the control in "
-            f"{same:.0%} of samples, ANOVA of U across targets p = {pval(u and u['p'])}; "
-            f"`kssm intervene`: {'CHANGED' if iv['verdict']['changed'] else 'no meaningful effect'}"
+            f"- {label(leg)}: largest mean KL {num(kl)} nats, largest |dCE| {num(abs(dce))} "
+            f"nats, forced text identical to the control in "
+            f"{'n/a' if same is None else f'{same:.0%}'} of samples, ANOVA of U across targets "
+            f"p = {pval(u and u['p'])}; `kssm intervene`: "
+            f"{'CHANGED' if iv['verdict']['changed'] else 'no meaningful effect'}"
         )
-        if kl["effect"] == 0 and same == 1:
+        if kl == 0 and same == 1:
             text += (
-                " — nothing moved at all: in eval mode this hook returns the layer's output "
-                "unchanged, so no forcing of R can change the output"
+                " (nothing moved at all: in eval mode this hook returns the layer's output "
+                "unchanged, so no forcing of R can change the output)"
             )
         out.append(text + ".")
-    faithful, mult = done.get("faithful"), done.get("multiplicative")
-    if faithful and mult:
-        f_kl, m_kl = largest_kl(faithful["intervene"]), largest_kl(mult["intervene"])
+    kl_of = {name: effect(largest_kl(leg["intervene"])) for name, leg in done.items()}
+    if "faithful" in kl_of and "multiplicative" in kl_of:
         out.append(
-            f"- Eval-mode hook: the same modulation at the same layer, active at inference "
-            f"(multiplicative), moves the output by a mean KL of up to {num(m_kl['effect'])} "
-            f"nats, against {num(f_kl['effect'])} for the faithful hook."
+            "- Eval-mode hook: the same modulation at the same layer, active at inference "
+            f"(multiplicative), moves the output by a mean KL of up to "
+            f"{num(kl_of['multiplicative'])} nats, against {num(kl_of['faithful'])} for the "
+            "faithful hook."
         )
-    if mult and "additive" in done:
-        a_kl, m_kl = largest_kl(done["additive"]["intervene"]), largest_kl(mult["intervene"])
-        ratio = a_kl["effect"] / m_kl["effect"] if m_kl["effect"] else math.inf
+    if "multiplicative" in kl_of and "additive" in kl_of:
+        ratio = kl_of["additive"] / kl_of["multiplicative"] if kl_of["multiplicative"] else math.nan
         out.append(
             f"- Normalisation: additive / multiplicative largest mean KL at the same layer = "
-            f"{num(ratio)} ({num(a_kl['effect'])} vs {num(m_kl['effect'])} nats)."
+            f"{num(ratio)} ({num(kl_of['additive'])} vs {num(kl_of['multiplicative'])} nats)."
         )
     for name in ("late", "several"):
-        if mult and name in done:
-            kl = largest_kl(done[name]["intervene"])
+        if "multiplicative" in kl_of and name in kl_of:
             out.append(
-                f"- {name}: largest mean KL {num(kl['effect'])} nats vs {num(largest_kl(mult['intervene'])['effect'])} "
-                "for the middle layer (multiplicative both)."
+                f"- {name}: largest mean KL {num(kl_of[name])} nats vs "
+                f"{num(kl_of['multiplicative'])} at the middle layer (multiplicative both)."
             )
     return out or ["- No leg has finished its intervention yet."]
 
@@ -349,7 +360,8 @@ def render(args: dict, base: dict, legs: list[dict], command: str, started: str)
         command,
         "```",
         "",
-        f"- commit: {commit()}",
+        f"- commit: {commit()} (table); the legs ran at "
+        + (", ".join(sorted({c for leg in legs for c in leg.get("commits", [])})) or "none yet"),
         f"- machine: {machine()}",
         f"- date: {started} (table written {now()})",
         f"- outputs: `{args['out']}` (per leg: run folder, compare and intervene JSON and "
