@@ -17,6 +17,7 @@ from mlx_kssm.experiments.intervene import (
     measure_teacher_forced,
 )
 from mlx_kssm.experiments.interventions import core_phases, restore_phases
+from mlx_kssm.experiments.stats import one_way_anova
 from mlx_kssm.models.phase_base import random_base
 from mlx_kssm.models.phase_mamba import args_for_base
 
@@ -92,3 +93,13 @@ def test_models_without_cores_are_left_alone():
 
     assert core_phases(NoCores()) is None
     restore_phases(NoCores(), None)
+
+
+def test_anova_of_identical_groups_is_f_0_p_1():
+    """The faithful hook in eval leaves every forced text the control's, so each condition's
+    distinct-2 values are the same numbers: ANOVA says F 0, p 1 (scipy alone: p NaN)."""
+    group = [1.0, 0.9523809523809523, 1 / 3, 2 / 3, 0.1]
+    same = one_way_anova([group, list(group), list(group)], "distinct_2")
+    assert (same.statistic, same.p, same.effect) == (0.0, 1.0, 0.0)
+    differ = one_way_anova([group, [v + 0.3 for v in group]], "distinct_2")
+    assert differ.statistic > 0 and 0 < differ.p < 1 and differ.effect > 0
