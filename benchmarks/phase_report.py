@@ -107,7 +107,7 @@ def label(leg: dict) -> str:
 
 def summary_rows(legs: list[dict]) -> list[str]:
     lines = [
-        "| leg (coupling @ layers) | core val CE | R at inference (generation / teacher-forced) "
+        "| leg (coupling @ layers) | val CE (nats) | R at inference (generation / teacher-forced) "
         "| largest mean KL [95% CI] (nats) | largest dCE [95% CI] (nats) | ANOVA p: U / "
         "distinct-2 / CE | forced text same as control | `kssm intervene` verdict |",
         "|---|---|---|---|---|---|---|---|",
@@ -195,7 +195,7 @@ def anova_rows(legs: list[dict]) -> list[str]:
 
 def training_rows(legs: list[dict]) -> list[str]:
     lines = [
-        "| leg | val CE | val R | val U | last logged step: R, U, tone | wall s: train / "
+        "| leg | val CE (nats) | val R | val U | last logged step: R, U, tone | wall s: train / "
         "compare / intervene |",
         "|---|---|---|---|---|---|",
     ]
@@ -210,55 +210,9 @@ def training_rows(legs: list[dict]) -> list[str]:
             f"{last.get('tone', 'n/a')} | {s['train']:.0f} / {s['compare']:.0f} / "
             f"{s['intervene']:.0f} |"
         )
+    if any(leg["eval"] and "tone" not in (leg["last_train"] or {}) for leg in legs):
+        lines += ["", "tone n/a: the code these legs trained with did not log it yet."]
     return lines
-
-
-def effect(t: dict | None) -> float:
-    return val(t["effect"]) if t else math.nan
-
-
-def findings(legs: list[dict]) -> list[str]:
-    """Plain statements of what the measured figures say, leg by leg, then across legs."""
-    done = {leg["name"]: leg for leg in legs if leg["intervene"]}
-    out = []
-    for leg in done.values():
-        iv = leg["intervene"]
-        kl, dce, u = effect(largest_kl(iv)), effect(largest_dce(iv)), anova(iv, "U")
-        same = identical_fraction(iv)
-        text = (
-            f"- {label(leg)}: largest mean KL {num(kl)} nats, largest |dCE| {num(abs(dce))} "
-            f"nats, forced text identical to the control in "
-            f"{'n/a' if same is None else f'{same:.0%}'} of samples, ANOVA of U across targets "
-            f"p = {pval(u and u['p'])}; `kssm intervene`: "
-            f"{'CHANGED' if iv['verdict']['changed'] else 'no meaningful effect'}"
-        )
-        if kl == 0 and same == 1:
-            text += (
-                " (nothing moved at all: in eval mode this hook returns the layer's output "
-                "unchanged, so no forcing of R can change the output)"
-            )
-        out.append(text + ".")
-    kl_of = {name: effect(largest_kl(leg["intervene"])) for name, leg in done.items()}
-    if "faithful" in kl_of and "multiplicative" in kl_of:
-        out.append(
-            "- Eval-mode hook: the same modulation at the same layer, active at inference "
-            f"(multiplicative), moves the output by a mean KL of up to "
-            f"{num(kl_of['multiplicative'])} nats, against {num(kl_of['faithful'])} for the "
-            "faithful hook."
-        )
-    if "multiplicative" in kl_of and "additive" in kl_of:
-        ratio = kl_of["additive"] / kl_of["multiplicative"] if kl_of["multiplicative"] else math.nan
-        out.append(
-            f"- Normalisation: additive / multiplicative largest mean KL at the same layer = "
-            f"{num(ratio)} ({num(kl_of['additive'])} vs {num(kl_of['multiplicative'])} nats)."
-        )
-    for name in ("late", "several"):
-        if "multiplicative" in kl_of and name in kl_of:
-            out.append(
-                f"- {name}: largest mean KL {num(kl_of[name])} nats vs "
-                f"{num(kl_of['multiplicative'])} at the middle layer (multiplicative both)."
-            )
-    return out or ["- No leg has finished its intervention yet."]
 
 
 def budget(args: dict, base: dict) -> str:
@@ -313,6 +267,8 @@ def commit() -> str:
 
 
 def render(args: dict, base: dict, legs: list[dict], command: str, started: str) -> str:
+    import phase_findings  # beside this module; it reads the results with the helpers above
+
     seconds = sum(sum(leg["seconds"].values()) for leg in legs)
     lines = [
         "# Issue 12: Phase-Mamba's null result, put to a fair test",
@@ -323,7 +279,7 @@ def render(args: dict, base: dict, legs: list[dict], command: str, started: str)
         "",
         "## What the figures say",
         "",
-        *findings(legs),
+        *phase_findings.findings(legs),
         "",
         *base_lines(base),
         "",
@@ -332,6 +288,10 @@ def render(args: dict, base: dict, legs: list[dict], command: str, started: str)
         "## Summary",
         "",
         *summary_rows(legs),
+        "",
+        f"val CE: each leg's evaluation after its last step, on the same {args['eval_batches']} "
+        f"fixed validation batches of {args['batch_size']} x {args['seq_length']}; the faithful "
+        "leg's is the base's own CE on them, as its hook only observes in eval mode.",
         "",
         "## Forcing R (`kssm intervene`), per leg and target",
         "",

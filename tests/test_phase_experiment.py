@@ -148,7 +148,10 @@ def test_the_table_from_fake_legs(corpus, base, tmp_path, monkeypatch):
     assert "faithful (faithful @ 2): largest mean KL 0 nats" in table
     assert "nothing moved at all" in table  # KL exactly 0 and every text the control's
     assert "nothing moved" not in table.split("- multiplicative")[1].split("\n")[0]
-    assert "additive / multiplicative largest mean KL at the same layer = 5" in table
+    assert "measured so: mean KL exactly 0 and every forced text the control's" in table
+    assert "changed the output by at least the stated minimum in additive:" in table
+    assert "multiplicative 0.004 nats, additive 0.02 nats" in table
+    assert "moves the output more than the multiplicative one at the same layer (5x)" in table
     assert "| additive (additive @ 2) | 6.3512 | 0.99 / 0.8 | 0.02 [0.01, 0.04] |" in table
     assert "| late (multiplicative @ ?) | not run yet |" in table
     assert "| multiplicative | U | 0.9 | 0.44 | 0.01 | 1 |" in table  # the ANOVA rows
@@ -156,3 +159,17 @@ def test_the_table_from_fake_legs(corpus, base, tmp_path, monkeypatch):
     assert "0.47, 0.5, Goldilocks" in table  # the logged tone
     assert f"`{base.resolve()}`" in table and "sha256:" in table and "6.349" in table
     assert "the legs ran at abc" in table
+
+
+def test_the_answer_when_no_leg_reaches_the_minimum(corpus, base, tmp_path):
+    import phase_findings
+
+    a = exp.parse_args(["--data", str(corpus), "--steps", "12", "--out", str(tmp_path / "o")])
+    for leg, kl in (("faithful", 0.0), ("multiplicative", 0.004), ("additive", 0.001)):
+        write_leg(a, leg, kl, False, [2])
+    text = "\n".join(phase_findings.findings([exp.collect(a, leg) for leg in exp.LEGS]))
+    assert "mean KL > 0 at p < 0.01 in 2 of 2 legs) but by at most 0.004 nats" in text
+    assert "(multiplicative), 2.5x below the 0.01-nat minimum" in text
+    assert "ANOVA of U across targets, gives p >= 0.44" in text
+    assert "does not move the output more than the multiplicative one" in text
+    assert "(0.25x)" in text and "Several layers" not in text  # not run
