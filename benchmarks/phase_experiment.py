@@ -12,7 +12,8 @@ no --base is given) it trains an oscillator core per leg, with the same schedule
 
 "Middle" is layer n/2 of n, as the original's layer 32 of Mamba-2.8B's 64. Then, per leg,
 `kssm compare BASE LEG` (the baseline comparison) and `kssm intervene LEG --force-r ...`
-(teacher-forced KL and dCE, entropy, distinct-2, p-values, ANOVA), and writes a markdown table
+(teacher-forced KL and dCE, entropy, distinct-2, p-values, ANOVA), measures how far the cores
+move their layers' outputs (phase_coupling_size.py), and writes a markdown table
 (phase_report.py). Rerunning skips finished steps and resumes interrupted training; --table-only
 only rewrites the table.
 
@@ -168,9 +169,11 @@ def write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def stream(cmd: list[str], log: Path) -> int:
-    """Run cmd, echo and append its output to log; record its wall time; its exit code."""
-    print("$ " + shlex.join(["kssm", *cmd[1:]]), flush=True)
+def stream(cmd: list[str], log: Path, label: str | None = None) -> int:
+    """Run cmd, echo and append its output to log; record its wall time (under label, by
+    default the kssm subcommand); its exit code."""
+    label = label or cmd[1]
+    print("$ " + shlex.join(["kssm", *cmd[1:]] if label == cmd[1] else cmd), flush=True)
     start = time.perf_counter()
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as out:
@@ -185,7 +188,7 @@ def stream(cmd: list[str], log: Path) -> int:
     rows = json.loads(walls.read_text()) if walls.exists() else []
     seconds = time.perf_counter() - start
     rows.append(
-        {"command": cmd[1], "seconds": seconds, "exit": code, "commit": phase_report.commit()}
+        {"command": label, "seconds": seconds, "exit": code, "commit": phase_report.commit()}
     )
     write_text(walls, json.dumps(rows, indent=1))
     if code:
@@ -258,6 +261,11 @@ def run_leg(a, base: Path, leg: str) -> None:
         cmd += [*sampling_flags(a), "--text", str(a.data / "valid.txt")]
         cmd += ["--eval-tokens", str(a.eval_tokens), "--json", str(intervene)]
         stream([*cmd, "--report", str(intervene.with_suffix(".md"))], log)
+    size = run.parent / f"{leg}.size.json"
+    if not size.exists():
+        script = Path(__file__).resolve().parent / "phase_coupling_size.py"
+        cmd = [sys.executable, str(script), str(run), str(a.data / "valid.txt")]
+        stream([*cmd, "--json", str(size)], log, "size")
 
 
 # ---------------------------------------------------------------------------- collecting
@@ -281,10 +289,11 @@ def collect(a, leg: str) -> dict:
         "last_train": trains[-1] if trains else None,
         "compare": load_json(run.parent / f"{leg}.compare.json"),
         "intervene": load_json(run.parent / f"{leg}.intervene.json"),
+        "size": load_json(run.parent / f"{leg}.size.json"),
         "commits": sorted({w.get("commit", "?") for w in walls}),
         "seconds": {
             kind: sum(w["seconds"] for w in walls if w["command"] == kind)
-            for kind in ("train", "compare", "intervene")
+            for kind in ("train", "compare", "intervene", "size")
         },
     }
 

@@ -77,27 +77,7 @@ def answer(done: dict[str, dict]) -> list[str]:
             )
         out.append("- **Real?** " + text)
     if "multiplicative" in done and ("additive" in done or "late" in done):
-        parts = [
-            f"{n} {num(kl[n])} nats" for n in ("multiplicative", "additive", "late") if n in kl
-        ]
-        out.append(
-            "- **Normalisation.** Largest mean KL: "
-            + ", ".join(parts)
-            + " (multiplicative and additive at the middle layer, late = multiplicative at the "
-            "last layer, just before the final norm). "
-            + (
-                "The additive coupling moves the output more than the multiplicative one at "
-                "the same layer"
-                if kl.get("additive", -1) > kl["multiplicative"]
-                else "The additive coupling does not move the output more than the "
-                "multiplicative one at the same layer"
-            )
-            + (
-                f" ({kl['additive'] / kl['multiplicative']:.2g}x)."
-                if "additive" in kl and kl["multiplicative"]
-                else "."
-            )
-        )
+        out.append("- **Normalisation.** " + normalisation(done, kl))
     if "several" in done and "multiplicative" in done:
         out.append(
             f"- **Several layers.** Largest mean KL {num(kl['several'])} nats with cores at "
@@ -105,6 +85,36 @@ def answer(done: dict[str, dict]) -> list[str]:
             f"{done['multiplicative']['hook_layers']}."
         )
     return out
+
+
+def forcing_at_layer(leg: dict) -> str:
+    cores = (leg.get("size") or {}).get("cores", [])
+    return ", ".join(f"{c['forcing']:.2%}" for c in cores) or "n/a"
+
+
+def normalisation(done: dict[str, dict], kl: dict[str, float]) -> str:
+    """Multiplicative vs additive at one layer, middle vs last layer: what forcing R changes
+    where the core acts (phase_coupling_size.py) and what arrives at the logits."""
+    names = [n for n in ("multiplicative", "additive", "late") if n in done]
+    parts = [
+        f"{n} {forcing_at_layer(done[n])} of the layer's output, mean KL {num(kl[n])} nats"
+        for n in names
+    ]
+    text = (
+        "Forcing R from 0.1 to 0.9 changes, at the hooked layer and at the logits: "
+        + "; ".join(parts)
+        + " (multiplicative and additive at the middle layer, late = multiplicative at the "
+        "last layer, before the final norm)."
+    )
+    if "additive" in kl:
+        more = kl["additive"] > kl["multiplicative"]
+        text += (
+            f" The additive coupling moves the logits {'more' if more else 'less'} than the "
+            "multiplicative one at the same layer"
+        )
+        both = kl["additive"] > 0 and kl["multiplicative"] > 0
+        text += f" ({kl['additive'] / kl['multiplicative']:.2g}x)." if both else "."
+    return text
 
 
 def findings(legs: list[dict]) -> list[str]:

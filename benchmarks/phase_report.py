@@ -193,10 +193,26 @@ def anova_rows(legs: list[dict]) -> list[str]:
     return lines
 
 
+def size_rows(legs: list[dict]) -> list[str]:
+    lines = [
+        "| leg | hooked layer | rms of its output | coupling's change | change from forcing "
+        "R = 0.1 to 0.9 | largest mean KL at the logits (nats) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for leg in legs:
+        kl = largest_kl(leg["intervene"])
+        for core in (leg.get("size") or {}).get("cores", []):
+            lines.append(
+                f"| {leg['name']} | {core['layer']} | {num(core['rms_x'])} | "
+                f"{core['coupling']:.2%} | {core['forcing']:.2%} | {num(kl and kl['effect'])} |"
+            )
+    return lines
+
+
 def training_rows(legs: list[dict]) -> list[str]:
     lines = [
         "| leg | val CE (nats) | val R | val U | last logged step: R, U, tone | wall s: train / "
-        "compare / intervene |",
+        "compare / intervene / size |",
         "|---|---|---|---|---|---|",
     ]
     for leg in legs:
@@ -208,7 +224,7 @@ def training_rows(legs: list[dict]) -> list[str]:
             f"| {leg['name']} | {ev['val_ce']:.4f} | {num(ev.get('val_R'))} | "
             f"{num(ev.get('val_U'))} | {num(last.get('R'))}, {num(last.get('U'))}, "
             f"{last.get('tone', 'n/a')} | {s['train']:.0f} / {s['compare']:.0f} / "
-            f"{s['intervene']:.0f} |"
+            f"{s['intervene']:.0f} / {s.get('size', 0):.0f} |"
         )
     if any(leg["eval"] and "tone" not in (leg["last_train"] or {}) for leg in legs):
         lines += ["", "tone n/a: the code these legs trained with did not log it yet."]
@@ -299,6 +315,15 @@ def render(args: dict, base: dict, legs: list[dict], command: str, started: str)
         "minus free teacher-forced CE, paired t-test. Holm over every test of the leg.",
         "",
         *intervene_rows(legs),
+        "",
+        "## Where the cores act (`benchmarks/phase_coupling_size.py`)",
+        "",
+        "On the first 256 tokens of the validation text, free phases: the coupling's change "
+        "of the hooked layer's output, rms(out - x) / rms(x), and the change forcing can make "
+        "there, rms(out at R = 0.9 - out at R = 0.1) / rms(x), every pass from the same "
+        "saved phases.",
+        "",
+        *size_rows(legs),
         "",
         "## Across targets: one-way ANOVA (the published test)",
         "",

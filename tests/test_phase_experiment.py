@@ -123,6 +123,10 @@ def write_leg(a, leg: str, kl: float, changed: bool, layers: list[int]) -> None:
         {"command": c, "seconds": 60.0, "exit": 0, "commit": "abc"} for c in ("train", "compare")
     ]
     (run.parent / f"{leg}.wall.json").write_text(json.dumps(walls))
+    size = {
+        "cores": [{"layer": i, "rms_x": 4.0, "coupling": 0.05, "forcing": 0.01} for i in layers]
+    }
+    (run.parent / f"{leg}.size.json").write_text(json.dumps(size))
 
 
 def test_the_table_from_fake_legs(corpus, base, tmp_path, monkeypatch):
@@ -134,7 +138,7 @@ def test_the_table_from_fake_legs(corpus, base, tmp_path, monkeypatch):
     write_leg(a, "additive", 0.02, True, [2])
     got = exp.collect(a, "additive")
     assert got["eval"]["val_ce"] == 6.3512 and got["hook_layers"] == [2]
-    assert got["seconds"] == {"train": 60.0, "compare": 60.0, "intervene": 0} and got[
+    assert got["seconds"] == {"train": 60.0, "compare": 60.0, "intervene": 0, "size": 0} and got[
         "commits"
     ] == ["abc"]
 
@@ -150,8 +154,8 @@ def test_the_table_from_fake_legs(corpus, base, tmp_path, monkeypatch):
     assert "nothing moved" not in table.split("- multiplicative")[1].split("\n")[0]
     assert "measured so: mean KL exactly 0 and every forced text the control's" in table
     assert "changed the output by at least the stated minimum in additive:" in table
-    assert "multiplicative 0.004 nats, additive 0.02 nats" in table
-    assert "moves the output more than the multiplicative one at the same layer (5x)" in table
+    assert "multiplicative 1.00% of the layer's output, mean KL 0.004 nats; additive" in table
+    assert "moves the logits more than the multiplicative one at the same layer (5x)" in table
     assert "| additive (additive @ 2) | 6.3512 | 0.99 / 0.8 | 0.02 [0.01, 0.04] |" in table
     assert "| late (multiplicative @ ?) | not run yet |" in table
     assert "| multiplicative | U | 0.9 | 0.44 | 0.01 | 1 |" in table  # the ANOVA rows
@@ -159,6 +163,7 @@ def test_the_table_from_fake_legs(corpus, base, tmp_path, monkeypatch):
     assert "0.47, 0.5, Goldilocks" in table  # the logged tone
     assert f"`{base.resolve()}`" in table and "sha256:" in table and "6.349" in table
     assert "the legs ran at abc" in table
+    assert "| additive | 2 | 4 | 5.00% | 1.00% | 0.02 |" in table  # where the cores act
 
 
 def test_the_answer_when_no_leg_reaches_the_minimum(corpus, base, tmp_path):
@@ -171,5 +176,5 @@ def test_the_answer_when_no_leg_reaches_the_minimum(corpus, base, tmp_path):
     assert "mean KL > 0 at p < 0.01 in 2 of 2 legs) but by at most 0.004 nats" in text
     assert "(multiplicative), 2.5x below the 0.01-nat minimum" in text
     assert "ANOVA of U across targets, gives p >= 0.44" in text
-    assert "does not move the output more than the multiplicative one" in text
+    assert "moves the logits less than the multiplicative one" in text
     assert "(0.25x)" in text and "Several layers" not in text  # not run
