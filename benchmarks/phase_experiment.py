@@ -324,6 +324,13 @@ def main(argv=None) -> None:
     )
     started = phase_report.now()
     a.out.mkdir(parents=True, exist_ok=True)
+    ran = a.out / "command.json"  # the last command that ran legs: what --table-only shows
+    if a.table_only and ran.exists():
+        last = json.loads(ran.read_text())
+        command = f"{last['command']}\n# table rewritten at {started} by: {command}"
+        started = last["started"]
+    elif not a.table_only:
+        write_text(ran, json.dumps({"command": command, "started": started}))
     a.table.parent.mkdir(parents=True, exist_ok=True)
     base = a.base if a.base is not None else (base_run(a) / "best")
 

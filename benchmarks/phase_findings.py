@@ -87,9 +87,12 @@ def answer(done: dict[str, dict]) -> list[str]:
     return out
 
 
+def core_sizes(leg: dict) -> list[dict]:
+    return (leg.get("size") or {}).get("cores", [])
+
+
 def forcing_at_layer(leg: dict) -> str:
-    cores = (leg.get("size") or {}).get("cores", [])
-    return ", ".join(f"{c['forcing']:.2%}" for c in cores) or "n/a"
+    return ", ".join(f"{c['forcing']:.2%}" for c in core_sizes(leg)) or "n/a"
 
 
 def normalisation(done: dict[str, dict], kl: dict[str, float]) -> str:
@@ -106,6 +109,19 @@ def normalisation(done: dict[str, dict], kl: dict[str, float]) -> str:
         + " (multiplicative and additive at the middle layer, late = multiplicative at the "
         "last layer, before the final norm)."
     )
+    sizes = [c["forcing"] for n in names if n != "additive" for c in core_sizes(done[n])]
+    if sizes:
+        text += (
+            f" A change of {min(sizes):.1%}-{max(sizes):.1%} of the output where a "
+            f"multiplicative core acts reaches the logits as a mean KL of at most "
+            f"{num(max(kl[n] for n in names if n != 'additive'))} nats."
+        )
+    add = core_sizes(done["additive"]) if "additive" in done else []
+    if add:
+        text += (
+            f" The additive term does not grow with the layer's output (rms "
+            f"{num(add[0]['rms_x'])}) and changes it by {add[0]['coupling']:.2%}."
+        )
     if "additive" in kl:
         more = kl["additive"] > kl["multiplicative"]
         text += (

@@ -299,7 +299,8 @@ def render(args: dict, base: dict, legs: list[dict], command: str, started: str)
         "",
         *base_lines(base),
         "",
-        budget(args, base) + f" Wall time of all legs so far: {seconds / 60:.1f} min.",
+        budget(args, base) + f" Wall time of every command run for these legs (reruns included): "
+        f"{seconds / 60:.1f} min.",
         "",
         "## Summary",
         "",

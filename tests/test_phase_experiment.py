@@ -146,8 +146,10 @@ def test_the_table_from_fake_legs(corpus, base, tmp_path, monkeypatch):
         raise AssertionError("--table-only must run nothing")
 
     monkeypatch.setattr(exp, "stream", no_subprocess)
+    (out / "command.json").write_text(json.dumps({"command": "python run.py --x", "started": "T0"}))
     exp.main([*argv, "--table-only"])
     table = (out / "PHASE_RESULTS.md").read_text()
+    assert "python run.py --x\n# table rewritten at" in table and "- date: T0" in table
     assert not list(out.glob("*.tmp"))
     assert "faithful (faithful @ 2): largest mean KL 0 nats" in table
     assert "nothing moved at all" in table  # KL exactly 0 and every text the control's
@@ -156,6 +158,10 @@ def test_the_table_from_fake_legs(corpus, base, tmp_path, monkeypatch):
     assert "changed the output by at least the stated minimum in additive:" in table
     assert "multiplicative 1.00% of the layer's output, mean KL 0.004 nats; additive" in table
     assert "moves the logits more than the multiplicative one at the same layer (5x)" in table
+    assert "A change of 1.0%-1.0% of the output where a multiplicative core acts" in table
+    assert (
+        "additive term does not grow with the layer's output (rms 4) and changes it by 5" in table
+    )
     assert "| additive (additive @ 2) | 6.3512 | 0.99 / 0.8 | 0.02 [0.01, 0.04] |" in table
     assert "| late (multiplicative @ ?) | not run yet |" in table
     assert "| multiplicative | U | 0.9 | 0.44 | 0.01 | 1 |" in table  # the ANOVA rows
