@@ -66,14 +66,16 @@ def answer(done: dict[str, dict]) -> list[str]:
                 f"{', '.join(changed)}: once the hook acts, R is not epiphenomenal here."
             )
         else:
+            seen = "detectably" if detectable else "but not detectably"
             text = (
                 f"With a coupling that acts at inference ({', '.join(active)}), forcing R "
-                f"moves the output detectably (mean KL > 0 at p < 0.01 in {len(detectable)} of "
-                f"{len(active)} legs) but by at most {num(kl[top])} nats ({top}), "
+                f"moves the output {seen} (mean KL > 0 at p < 0.01 in {len(detectable)} of "
+                f"{len(active)} legs), by at most {num(kl[top])} nats ({top}), "
                 f"{minimum / kl[top] if kl[top] else math.inf:.2g}x below the {minimum:g}-nat "
                 f"minimum; no leg changed a generated-text metric, and the published test, the "
                 f"ANOVA of U across targets, gives p >= {pval(min(u_ps))}. On this base and "
-                "budget the effect of R is real but negligible."
+                "budget the effect of R is "
+                + ("real but negligible." if detectable else "not detectable.")
             )
         out.append("- **Real?** " + text)
     if "multiplicative" in done and ("additive" in done or "late" in done):

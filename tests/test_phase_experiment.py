@@ -179,7 +179,11 @@ def test_the_answer_when_no_leg_reaches_the_minimum(corpus, base, tmp_path):
     for leg, kl in (("faithful", 0.0), ("multiplicative", 0.004), ("additive", 0.001)):
         write_leg(a, leg, kl, False, [2])
     text = "\n".join(phase_findings.findings([exp.collect(a, leg) for leg in exp.LEGS]))
-    assert "mean KL > 0 at p < 0.01 in 2 of 2 legs) but by at most 0.004 nats" in text
+    assert (
+        "moves the output detectably (mean KL > 0 at p < 0.01 in 2 of 2 legs), by at most 0.004 nats"
+        in text
+    )
+    assert "the effect of R is real but negligible" in text
     assert "(multiplicative), 2.5x below the 0.01-nat minimum" in text
     assert "ANOVA of U across targets, gives p >= 0.44" in text
     assert "moves the logits less than the multiplicative one" in text
