@@ -291,6 +291,7 @@ def collect(a, leg: str) -> dict:
         "intervene": load_json(run.parent / f"{leg}.intervene.json"),
         "size": load_json(run.parent / f"{leg}.size.json"),
         "commits": sorted({w.get("commit", "?") for w in walls}),
+        "runs": [f"{w['command']} {w.get('commit', '?')[:7]}" for w in walls],
         "seconds": {
             kind: sum(w["seconds"] for w in walls if w["command"] == kind)
             for kind in ("train", "compare", "intervene", "size")

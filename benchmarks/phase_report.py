@@ -348,6 +348,10 @@ def render(args: dict, base: dict, legs: list[dict], command: str, started: str)
         "",
         f"- commit: {commit()} (table); the legs ran at "
         + (", ".join(sorted({c for leg in legs for c in leg.get("commits", [])})) or "none yet"),
+        "- commands per leg, in order, with their commit: "
+        + "; ".join(
+            f"{leg['name']}: {', '.join(leg.get('runs', []))}" for leg in legs if leg.get("runs")
+        ),
         f"- machine: {machine()}",
         f"- date: {started} (table written {now()})",
         f"- outputs: `{args['out']}` (per leg: run folder, compare and intervene JSON and "

@@ -169,6 +169,9 @@ def test_the_table_from_fake_legs(corpus, base, tmp_path, monkeypatch):
     assert "0.47, 0.5, Goldilocks" in table  # the logged tone
     assert f"`{base.resolve()}`" in table and "sha256:" in table and "6.349" in table
     assert "the legs ran at abc" in table
+    assert (
+        "commands per leg, in order, with their commit: faithful: train abc, compare abc;" in table
+    )
     assert "| additive | 2 | 4 | 5.00% | 1.00% | 0.02 |" in table  # where the cores act
 
 
