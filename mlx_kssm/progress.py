@@ -27,6 +27,16 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]
     return row
 
 
+def model_labels(model, row: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """The words a model gives to a logged row's numbers (``model.labels``, optional; a
+    phase_mamba names the paper's tone of R), under the row's prefix ("val_" for evals)."""
+    labels = getattr(model, "labels", None)
+    if labels is None:
+        return {}
+    values = {k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix)}
+    return {prefix + name: text for name, text in labels(values).items()}
+
+
 class Meter:
     """Averages of the train metrics since the last train row, and throughput."""
 
@@ -68,6 +78,8 @@ def _scalars(row: dict[str, Any], names: list[str], prefix: str = "") -> str:
         value = row.get(prefix + name)
         if isinstance(value, (int, float)):
             parts.append(f"{name} {value:.3f}")
+        elif isinstance(value, str):  # a model's label (model_labels)
+            parts.append(f"{name} {value}")
     return "  ".join(parts)
 
 
@@ -152,7 +164,7 @@ class TrainProgress:
         parts = []
         for name in self.metric_names:
             layers = row.get(f"val_{name}_layers")
-            shown = f"{name} {row[f'val_{name}']:.3f}" if f"val_{name}" in row else ""
+            shown = _scalars(row, [name], "val_")
             if layers is not None:
                 shown += " [" + " ".join(f"{v:.3f}" for v in layers) + "]"
             parts.append(shown)

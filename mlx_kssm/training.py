@@ -23,7 +23,7 @@ from .config import TrainArgs
 from .distributed import PeerLost, current_ranks
 from .distributed_setup import NullLog, check_same_data, follower_errors, sync_from_main, together
 from .models.base import BaseModelArgs
-from .progress import Meter, TrainProgress, format_eta, sayer
+from .progress import Meter, TrainProgress, format_eta, model_labels, sayer
 from .run_folder import (
     CONFIG_FILE,
     METRICS_NAME,
@@ -183,7 +183,8 @@ def _loop(trainer: Trainer, log: MetricsLog, stop: StopRequest, console) -> None
             seconds = time.perf_counter() - started
             state.elapsed_s += seconds
             meter.add(metrics, seconds, trainer.tokens_per_step)
-            bar.update(state.step, metrics, meter.tokens_per_s(), seconds)
+            shown = {**metrics, **model_labels(trainer.model, metrics)}
+            bar.update(state.step, shown, meter.tokens_per_s(), seconds)
             if state.step == first_step + 1:
                 _warn_if_long(trainer, seconds)
             if state.nonfinite_in_row >= args.max_nonfinite:
@@ -191,6 +192,7 @@ def _loop(trainer: Trainer, log: MetricsLog, stop: StopRequest, console) -> None
                 raise TrainingStopped(_diverged_message(trainer, last_saved))
             if state.step % args.log_every == 0 or state.step == args.steps:
                 row = meter.row(state.step, state.tokens_seen, state.elapsed_s)
+                row.update(model_labels(trainer.model, row))
                 log.write(row)
                 bar.print_train(row)
             if state.step % args.eval_every == 0 or state.step == args.steps:
@@ -245,6 +247,7 @@ def _warn_if_long(trainer: Trainer, seconds: float) -> None:
 
 def _evaluate(trainer: Trainer, log: MetricsLog, bar: TrainProgress) -> None:
     row = trainer.evaluate()
+    row.update(model_labels(trainer.model, row, "val_"))
     state = trainer.state
     row["best"] = row["val_ce"] < state.best_val_ce
     if row["best"]:

@@ -44,7 +44,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .interventions import applied, scaled_omega
+from .interventions import applied, core_phases, restore_phases, scaled_omega
 from .model_api import forward_with_r
 from .sampling import SamplingSettings, generation_samples
 from .stats import nanmean
@@ -256,15 +256,21 @@ def measure_teacher_forced(
 
     Each window's forward passes share one key, so a model that draws phase noise at eval
     draws the same noise in every condition: differences come from the intervention only.
+    Likewise every condition of a window starts from the phases the free model had before it
+    (a per_call Phase-Mamba core advances its phases once per call), and the free model
+    carries its own phases on to the next window, as if the forced passes had not run.
     """
     for index, w in enumerate(windows):
         inputs, targets = mx.array([w[:-1]]), mx.array(w[1:])
         key = mx.random.key(index)
+        before = core_phases(model)
         free_logp, free_R = _log_probs(model, inputs, None, key)
+        after_free = core_phases(model)
         for cond in conditions:
             if cond.is_control:
                 logp, R = free_logp, free_R
             else:
+                restore_phases(model, before)
                 with applied(model, cond, layers) as force_r:
                     logp, R = _log_probs(model, inputs, force_r, key)
             nll = -mx.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
@@ -277,6 +283,7 @@ def measure_teacher_forced(
             cond.r_count += R.size
             if not cond.is_control:
                 cond.r_max_error = max(cond.r_max_error, float(mx.max(mx.abs(R - cond.target_r))))
+        restore_phases(model, after_free)
         if advance:
             advance("teacher-forced windows", index + 1, len(windows))
 
@@ -290,8 +297,11 @@ def measure_generations(
     stop_tokens: Sequence[int] = (),
     advance: Advance | None = None,
 ) -> None:
-    """Generate every prompt x trial in every condition with the same seeds; fill samples."""
+    """Generate every prompt x trial in every condition with the same seeds; fill samples.
+    Every condition starts from the same saved core phases (see measure_teacher_forced); the
+    model is left with them."""
     done, total = 0, len(conditions) * len(prompts)
+    start = core_phases(model)
 
     def one_prompt_done() -> None:
         nonlocal done
@@ -300,6 +310,7 @@ def measure_generations(
             advance("generations (prompts x conditions)", done, total)
 
     for cond in conditions:
+        restore_phases(model, start)
         with applied(model, cond, layers) as force_r:
             cond.samples = generation_samples(
                 model, prompts, settings, force_r, stop_tokens, one_prompt_done
@@ -307,6 +318,7 @@ def measure_generations(
         for sample in cond.samples:
             forced = [sample["R_layers"][i] for i in layers] if sample["R_layers"] else []
             sample["metrics"]["R_forced"] = nanmean(forced)
+    restore_phases(model, start)
     control = conditions[0]
     for cond in conditions:
         for sample, ref in zip(cond.samples, control.samples, strict=True):

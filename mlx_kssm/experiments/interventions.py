@@ -65,6 +65,22 @@ def pinned_phases(model, banks: Sequence[int], target: float) -> Iterator[None]:
             core.phases = phases
 
 
+def core_phases(model) -> list | None:
+    """The ``phases`` buffer of every Phase-Mamba core (None for a model without cores). A
+    per_call core advances it once per forward call, so an intervention that compares
+    conditions starts each of them from the same saved phases (intervene.py)."""
+    cores = getattr(model, "cores", None)
+    return None if cores is None else [core.phases for core in cores]
+
+
+def restore_phases(model, saved: list | None) -> None:
+    """Put back what core_phases returned (nothing to do for None)."""
+    if saved is None:
+        return
+    for core, phases in zip(model.cores, saved, strict=True):
+        core.phases = phases
+
+
 @contextmanager
 def scaled_omega(model, layers: Sequence[int], scale: float) -> Iterator[None]:
     """omega_0' = mean + scale * (omega_0 - mean) in the given layers; restored on exit."""

@@ -9,6 +9,7 @@ text identical to the control). scipy answers those with NaN and a warning; here
 gets a defined answer and a note saying why:
     all values equal (no difference at all)     -> p = 1
     no spread within groups, but means differ   -> p = 0
+    ANOVA: group means equal (up to rounding)   -> F = 0, p = 1
 Missing values (NaN, e.g. distinct-4 of a 2-token text) are left out, pairwise for paired tests.
 """
 
@@ -77,9 +78,13 @@ def one_way_anova(groups: Sequence[Sequence[float]], metric: str = "") -> TestRe
         return TestResult("anova", metric, 0.0, 1.0, n, 0.0, note="all values equal")
     if all(np.all(g == g[0]) for g in clean):
         return TestResult("anova", metric, math.inf, 0.0, n, 1.0, note="no spread within groups")
-    res = stats.f_oneway(*clean)
     between = sum(g.size * (g.mean() - pooled.mean()) ** 2 for g in clean)
-    eta_squared = float(between / np.sum((pooled - pooled.mean()) ** 2))
+    total = np.sum((pooled - pooled.mean()) ** 2)
+    if between <= 1e-12 * total:  # equal group means (e.g. identical groups) up to rounding,
+        # where scipy's F comes out as -1e-43 and its p as NaN
+        return TestResult("anova", metric, 0.0, 1.0, n, 0.0, note="group means equal")
+    res = stats.f_oneway(*clean)
+    eta_squared = float(between / total)
     return TestResult("anova", metric, float(res.statistic), float(res.pvalue), n, eta_squared)
 
 

@@ -32,6 +32,7 @@ from ..observables import GOLDILOCKS_R, GOLDILOCKS_U, normalized_entropy
 from .base import BaseModelArgs, ConfigError, bounded
 from .phase_base import base_fingerprint, load_base, random_base, read_base_config
 from .phase_core import COUPLINGS, DYNAMICS, CoreArgs, PhaseCore
+from .phase_tones import tone_of
 
 CORE_NAMES = ("omega", "phases", "to_phases.weight", "to_phases.bias")
 CORE_NAMES += ("to_modulation.weight", "to_modulation.bias")
@@ -316,6 +317,13 @@ class Model(nn.Module):
             "RU": mx.mean(R_last * U),
             "goldilocks": mx.mean(inside.astype(mx.float32)),
         }
+
+    @staticmethod
+    def labels(row: dict) -> dict[str, str]:
+        """The paper's tone (phase_tones.py) of a logged row's R (its mean over the cores),
+        logged beside it per train row and evaluation, as the original logged it per step."""
+        R = row.get("R")
+        return {"tone": tone_of(R)} if isinstance(R, float) and R == R else {}
 
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
