@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import phase_report  # noqa: E402  (beside this script)
+from run_records import final_eval, read_jsonl, write_text  # noqa: E402
 
 LEGS = {  # name -> (coupling, where the core is hooked)
     "faithful": ("faithful", "middle"),
@@ -150,23 +151,6 @@ def base_run(a) -> Path:
 
 def leg_dir(a, leg: str) -> Path:
     return a.out / "legs" / leg
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(ln) for ln in lines if ln.endswith("}")]  # skips a line cut by a kill
-
-
-def final_eval(run: Path, steps: int) -> dict | None:
-    evals = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("kind") == "eval"]
-    return next((r for r in reversed(evals) if r["step"] == steps), None)
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a kill never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def stream(cmd: list[str], log: Path, label: str | None = None) -> int:

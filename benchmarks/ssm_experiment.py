@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ssm_report  # noqa: E402  (the markdown; beside this file)
+from run_records import final_eval, read_jsonl, write_text  # noqa: E402
 
 CONFIGS = {  # name -> (label, kssm train flags)
     "v3": ("(1) v3 bistable", ["--arch", "v3", "--lambda-reg", "0.5"]),  # the published loss
@@ -102,23 +103,6 @@ def run_dir(a, config: str, seed: int) -> Path:
 
 def intervene_json(a, seed: int) -> Path:
     return run_dir(a, INTERVENED, seed).parent / f"seed{seed}.intervene.json"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(ln) for ln in lines if ln.endswith("}")]  # skips a line cut by a kill
-
-
-def final_eval(run: Path, steps: int) -> dict | None:
-    evals = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("kind") == "eval"]
-    return next((r for r in reversed(evals) if r["step"] == steps), None)
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a kill never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def stream(cmd: list[str], log: Path) -> tuple[int, float]:
