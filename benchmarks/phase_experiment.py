@@ -27,14 +27,13 @@ import argparse
 import json
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import phase_report  # noqa: E402  (beside this script)
-from run_records import final_eval, read_jsonl, write_text  # noqa: E402
+from run_records import final_eval, read_jsonl, run_logged, write_text  # noqa: E402
 
 LEGS = {  # name -> (coupling, where the core is hooked)
     "faithful": ("faithful", "middle"),
@@ -158,19 +157,9 @@ def stream(cmd: list[str], log: Path, label: str | None = None) -> int:
     default the kssm subcommand); its exit code."""
     label = label or cmd[1]
     print("$ " + shlex.join(["kssm", *cmd[1:]] if label == cmd[1] else cmd), flush=True)
-    start = time.perf_counter()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as out:
-        out.write(f"\n$ {shlex.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            out.write(line)
-            out.flush()
-        code = proc.wait()
+    code, seconds = run_logged(cmd, log)
     walls = log.with_suffix(".wall.json")
     rows = json.loads(walls.read_text()) if walls.exists() else []
-    seconds = time.perf_counter() - start
     rows.append(
         {"command": label, "seconds": seconds, "exit": code, "commit": phase_report.commit()}
     )

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 
@@ -22,3 +26,18 @@ def write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def run_logged(cmd: list[str], log: Path) -> tuple[int, float]:
+    """Run cmd, echo its output and append it to log; returns (exit code, wall seconds)."""
+    start = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as out:
+        out.write(f"\n$ {shlex.join(cmd)}\n")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            out.write(line)
+            out.flush()
+        code = proc.wait()
+    return code, time.perf_counter() - start

@@ -24,14 +24,13 @@ import json
 import math
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ssm_report  # noqa: E402  (the markdown; beside this file)
-from run_records import final_eval, read_jsonl, write_text  # noqa: E402
+from run_records import final_eval, read_jsonl, run_logged, write_text  # noqa: E402
 
 CONFIGS = {  # name -> (label, kssm train flags)
     "v3": ("(1) v3 bistable", ["--arch", "v3", "--lambda-reg", "0.5"]),  # the published loss
@@ -108,16 +107,7 @@ def intervene_json(a, seed: int) -> Path:
 def stream(cmd: list[str], log: Path) -> tuple[int, float]:
     """Run cmd, echo and append its output to log; returns (exit code, wall seconds)."""
     print("$ " + shlex.join(["kssm", *cmd[1:]]), flush=True)
-    start = time.perf_counter()
-    with open(log, "a") as out:
-        out.write(f"\n$ {shlex.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            out.write(line)
-            out.flush()
-        code = proc.wait()
-    return code, time.perf_counter() - start
+    return run_logged(cmd, log)
 
 
 def train(a, config: str, seed: int) -> None:
