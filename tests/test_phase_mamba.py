@@ -158,6 +158,21 @@ def test_the_hook_applies_the_core_to_the_layer_output(base_dir):
     np.testing.assert_array_equal(np.array(model.cores[0].phases), np.array(twin.phases))
 
 
+def test_the_base_scans_in_chunks_with_mlx_lms_numbers(base_dir):
+    """A Mamba-1 base computes with the chunked scan, and its logits are mlx-lm's own."""
+    from mlx_lm.models import mamba
+    from mlx_lm.utils import load_model
+
+    from mlx_kssm.models.mamba_lm import ScanMixer
+
+    ours = load_base(base_dir)
+    assert all(type(layer.mixer) is ScanMixer for layer in ours.layers)
+    theirs, _ = load_model(base_dir)
+    assert all(type(layer.mixer) is mamba.MambaBlock for layer in theirs.layers)
+    x = mx.array(np.random.default_rng(0).integers(0, VOCAB, (2, 37)))  # not a chunk multiple
+    np.testing.assert_allclose(np.array(ours(x)), np.array(theirs(x)), atol=1e-5)
+
+
 def test_faithful_observes_in_eval_and_modulates_in_training(base_dir):
     model = build(base_dir)  # faithful, per_call: the original
     x = tokens()
