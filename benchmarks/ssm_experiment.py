@@ -1,12 +1,15 @@
 """Issue 11's experiment: do the oscillators help once the model can use context?
 
 Trains, at one token budget (the tiny preset's model size; RECIPE below: 16 x 64 tokens per
-step, lr 3e-2; the same schedule and seed for all), four models and writes a markdown table with the unigram and bigram baselines:
+step, lr 3e-2; the same schedule and seed for all) these models and writes a markdown table
+with the unigram and bigram baselines:
 
     v3          (1) K-SSM v3, bistable (the published model: no sequence mixing)
     ssm         (2) K-SSM with a selective scan, bistable
     ssm-mono    (3) the same, monostable (u not clamped)
     ssm-nobank  (4) the same SSM without oscillator banks (the control, within 2% of params)
+    v3-ce       (1b) as (1), trained on the cross-entropy alone (u still clamped)
+    ssm-ce      (2b) as (2), trained on the cross-entropy alone
 
 Each run is an ordinary `kssm train` run folder under --out; `kssm intervene` then forces R in
 (2). Rerunning skips finished runs and resumes interrupted ones, so seeds can be added later
@@ -37,6 +40,10 @@ CONFIGS = {  # name -> (label, kssm train flags)
     "ssm": ("(2) ssm bistable", ["--arch", "ssm", "--lambda-reg", "0.5"]),
     "ssm-mono": ("(3) ssm monostable", ["--arch", "ssm", "--monostable"]),
     "ssm-nobank": ("(4) ssm without banks", ["--arch", "ssm", "--set", "oscillators=false"]),
+    # The same two models trained on CE alone (u still clamped), as the tiny preset now does:
+    # the regulariser is what made the bistable runs chaotic (benchmarks/RESULTS.md).
+    "v3-ce": ("(1b) v3 bistable, CE only", ["--arch", "v3", "--lambda-reg", "0"]),
+    "ssm-ce": ("(2b) ssm bistable, CE only", ["--arch", "ssm", "--lambda-reg", "0"]),
 }
 # The recipe is pinned here (the tiny preset's as of 2026-11-30, when these runs started) so that
 # a later change of the preset does not mix two recipes in one table.
