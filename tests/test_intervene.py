@@ -157,6 +157,17 @@ def _scaled_readout(model, scale: float) -> Model:
     return net
 
 
+def test_a_generation_that_stops_at_once_is_recorded_empty(model):
+    """Every token a stop token: each generation ends before its first token (seen on a trained
+    model whose first draw was end-of-text); the run still reports, with empty samples."""
+    vocab = model.args.vocab_size
+    res = run_intervention(model, PROMPTS, EVAL, _settings(), stop_tokens=list(range(vocab)))
+    for cond in res["conditions"]:
+        assert cond["samples"] and all(s["tokens"] == [] for s in cond["samples"])
+        assert all(s["R_layers"] == [] for s in cond["samples"])
+    assert "verdict" in res
+
+
 def test_a_detectable_but_negligible_effect_is_not_called_a_change(model):
     # The case of the issue: KL of order 1e-5 nats, significant over every segment, and text
     # that hardly changes. The verdict must say NO meaningful effect and name the minimum.

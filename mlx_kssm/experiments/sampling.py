@@ -72,14 +72,15 @@ def generation_samples(
             stop_tokens=stop_tokens,
         )
         for t, gen in enumerate(gens):
-            R_layers = np.asarray(gen.R_layers, dtype=float).reshape(len(gen.tokens), -1)
+            n = len(gen.tokens)  # 0 when the first token drawn is a stop token
+            R_layers = np.asarray(gen.R_layers, dtype=float).reshape(n, -1) if n else None
             records.append(
                 {
                     "prompt": p,
                     "trial": t,
                     "tokens": gen.tokens,
                     "finish_reason": gen.finish_reason,
-                    "R_layers": R_layers.mean(axis=0).tolist() if len(gen.tokens) else [],
+                    "R_layers": R_layers.mean(axis=0).tolist() if n else [],
                     "metrics": generation_metrics(gen),
                 }
             )
