@@ -49,7 +49,7 @@ CONFIGS = {  # name -> (label, kssm train flags)
 # a later change of the preset does not mix two recipes in one table.
 RECIPE = ["--batch-size", "16", "--grad-accum", "1", "--seq-length", "64"]
 RECIPE += ["--lr", "3e-2", "--warmup", "30", "--beta2", "0.99", "--eval-batches", "8"]
-INTERVENED = "ssm"  # the configuration `kssm intervene` runs on
+INTERVENED = ("ssm", "ssm-ce")  # the configurations `kssm intervene` runs on
 # Reference cross-entropies (nats per cl100k token, valid split): ../shared/docs/environment.md
 BASELINES = {"wiki-leads": (7.48, 5.84), "sotu": (7.14, 5.90)}
 
@@ -107,8 +107,8 @@ def run_dir(a, config: str, seed: int) -> Path:
     return a.out / a.data.name / f"steps{a.steps}" / config / f"seed{seed}"
 
 
-def intervene_json(a, seed: int) -> Path:
-    return run_dir(a, INTERVENED, seed).parent / f"seed{seed}.intervene.json"
+def intervene_json(a, config: str, seed: int) -> Path:
+    return run_dir(a, config, seed).parent / f"seed{seed}.intervene.json"
 
 
 def stream(cmd: list[str], log: Path) -> tuple[int, float]:
@@ -150,8 +150,8 @@ def train(a, config: str, seed: int) -> None:
         print(f"kssm train exited {code} for {config} seed {seed}; continuing", file=sys.stderr)
 
 
-def intervene(a, seed: int) -> None:
-    run, out = run_dir(a, INTERVENED, seed), intervene_json(a, seed)
+def intervene(a, config: str, seed: int) -> None:
+    run, out = run_dir(a, config, seed), intervene_json(a, config, seed)
     if out.exists() or not final_eval(run, a.steps):
         return
     cmd = [kssm(), "intervene", "--model", str(run), "--force-r", a.intervene]
@@ -160,7 +160,7 @@ def intervene(a, seed: int) -> None:
     cmd += ["--json", str(out), "--report", str(run.parent / f"{run.name}.intervene.md")]
     code, _ = stream(cmd, run.parent / f"{run.name}.log")
     if code:
-        print(f"kssm intervene exited {code} for seed {seed}", file=sys.stderr)
+        print(f"kssm intervene exited {code} for {config} seed {seed}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------- collecting
@@ -170,11 +170,12 @@ def gather(a) -> dict:
     """Everything the table shows, read back from the run folders."""
     results = {c: {s: collect(a, c, s) for s in a.seeds} for c in a.configs}
     done = [(c, s) for c in a.configs for s in a.seeds if results[c][s]]
-    interventions = {}
-    for seed in a.seeds:
-        path = intervene_json(a, seed)
-        if path.exists():
-            interventions[seed] = json.loads(path.read_text())
+    interventions = {}  # config -> seed -> kssm intervene's JSON
+    for config in (c for c in INTERVENED if c in a.configs):
+        for seed in a.seeds:
+            path = intervene_json(a, config, seed)
+            if path.exists():
+                interventions.setdefault(config, {})[seed] = json.loads(path.read_text())
     return {
         "results": results,
         "labels": {c: label for c, (label, _) in CONFIGS.items()},
@@ -227,8 +228,9 @@ def main(argv=None) -> None:
             for config in a.configs:
                 train(a, config, seed)
                 write_table()
-            if a.intervene.lower() != "none" and INTERVENED in a.configs:
-                intervene(a, seed)
+            for config in INTERVENED if a.intervene.lower() != "none" else ():
+                if config in a.configs:
+                    intervene(a, config, seed)
     write_table()
 
 

@@ -47,10 +47,10 @@ def commit(table: Path) -> str:
     return head.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
-def intervene_rows(result: dict, seed: int, corpus: str) -> list[str]:
+def intervene_rows(result: dict, seed: int, corpus: str, label: str) -> list[str]:
     tests = {(t["metric"], t["condition"]): t for t in result["tests"] if t.get("condition")}
     lines = [
-        f"Seed {seed}: `kssm intervene` on (2)'s last checkpoint, every layer's phases moved to "
+        f"Seed {seed}: `kssm intervene` on {label}'s last checkpoint, every layer's phases moved to "
         f"the target R; teacher-forced on {corpus}'s valid split, "
         f"{(st := result['settings'])['n_segments']} segments of {st['segment']} tokens (KL and "
         f"dCE vs the free model per segment); {st['n_prompts']} prompts x {st['trials']} "
@@ -179,11 +179,16 @@ def table(a, command: str, results, labels, baselines, train_config, interventio
         lines.append(f"| {labels[c]} | {s} | {ce} | {rr or 'n/a'} |")
         sample = r["sample"].replace("\n", "\\n").replace("`", "'")
         samples.append(f"- {labels[c]}, seed {s}: `{sample}`")
-    lines += [*samples, "", "## Forcing R in (2)", ""]
-    rows = [
-        r for s, res in sorted(interventions.items()) for r in intervene_rows(res, s, a.data.name)
-    ]
-    lines += rows or ["Not run yet.", ""]
+    lines += samples + [""]
+    for config, by_seed in interventions.items() or [("ssm", {})]:
+        name = labels[config].split(" ", 1)[0]  # "(2)"
+        lines += [f"## Forcing R in {name}", ""]
+        rows = [
+            r
+            for s, res in sorted(by_seed.items())
+            for r in intervene_rows(res, s, a.data.name, name)
+        ]
+        lines += rows or ["Not run yet.", ""]
     lines += ["## How this was made", "", "```", command, "```", ""]
     lines += [
         f"- commit: {commit(a.table)}",
