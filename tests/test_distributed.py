@@ -19,9 +19,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_training import MODEL, MODEL_FLAGS, RUN, RUN_FLAGS, rows, synthetic_stream
+from test_training import MODEL_FLAGS, RUN_FLAGS, args_for, rows, synthetic_stream
 
-from mlx_kssm.config import model_args_for, train_args_for
 from mlx_kssm.data import write_token_folder
 from mlx_kssm.distributed import Ranks, launched_as_rank
 from mlx_kssm.io import checkpoint_dirs
@@ -63,13 +62,6 @@ def token_data(tmp_path_factory):
     return write_token_folder(
         folder, {"train": synthetic_stream(4_000, 0), "valid": synthetic_stream(600, 1)}
     )
-
-
-def args_for(token_data, out, **overrides):
-    """test_training.args_for, whose settings can be overridden here."""
-    settings = {k: v for k, v in RUN.items() if k != "preset"}
-    settings.update(data=str(token_data), out=str(out), **overrides)
-    return train_args_for("tiny", **settings), model_args_for("tiny", **MODEL)
 
 
 class Launch:

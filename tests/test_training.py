@@ -115,10 +115,11 @@ def token_data(tmp_path_factory):
 
 
 def args_for(token_data, out, **overrides):
-    """What `kssm train --preset tiny` with RUN_FLAGS and MODEL_FLAGS resolves to."""
+    """What `kssm train --preset tiny` with RUN_FLAGS and MODEL_FLAGS resolves to; overrides
+    may replace any of those settings."""
     settings = {k: v for k, v in RUN.items() if k != "preset"}
-    train = train_args_for("tiny", **settings, data=str(token_data), out=str(out), **overrides)
-    return train, model_args_for("tiny", **MODEL)
+    settings.update(data=str(token_data), out=str(out), **overrides)
+    return train_args_for("tiny", **settings), model_args_for("tiny", **MODEL)
 
 
 def final_arrays(run_dir: Path) -> dict[str, np.ndarray]:
