@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/ssm_experiment", help="folder for the run folders")
     p.add_argument("--table", default=None, help="markdown output (default: OUT/SSM_RESULTS.md)")
     p.add_argument("--eval-every", type=int, default=0, help="0: a divisor of --steps, ~steps/4")
-    p.add_argument("--intervene", default="0.1,0.5,0.9", help="target Rs for (2); or 'none'")
+    p.add_argument("--intervene", default="0.1,0.5,0.9", help="target Rs for (2), (2b); or 'none'")
     p.add_argument("--trials", type=int, default=2, help="intervene: generations per prompt")
     p.add_argument("--max-tokens", type=int, default=24, help="intervene: tokens per generation")
     p.add_argument("--eval-tokens", type=int, default=2048, help="intervene: teacher-forced")

@@ -376,10 +376,9 @@ def _print_config(train_args, model_args) -> None:
     """The resolved configuration, checked as a run would check it; lambda_reg resolved too
     (the model's default auxiliary weight when not given)."""
     from mlx_kssm.models import build_model
+    from mlx_kssm.models.base import ConfigError
     from mlx_kssm.schedule import aux_weight_for
     from mlx_kssm.training import check_args
-
-    from mlx_kssm.models.base import ConfigError
 
     check_args(train_args, model_args)
     try:
