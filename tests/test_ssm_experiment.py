@@ -75,3 +75,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
         exp.parse_args(argv)
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and message in err and "\n" not in err
+
+
+def test_findings_compare_the_ce_only_rows_too():
+    labels = {c: label for c, (label, _) in exp.CONFIGS.items()}
+    means = {"v3-ce": 6.0, "ssm-ce": 5.7, "ssm-nobank": 5.75}
+    text = "\n".join(exp.ssm_report.findings(means, labels, 5.84, 1))
+    assert "(2b) vs (1b), CE only: (2b) ssm bistable, CE only is below (1b)" in text
+    assert "by 0.300" in text
+    assert "(2b) vs the bigram: 5.700 is below 5.84" in text
+    assert "(2b) vs (4), do oscillators help: (2b) ssm bistable, CE only is below (4)" in text
+    assert "(2) vs" not in text  # no row (2): nothing said about it
+    assert "1 seed(s)" in text
