@@ -42,15 +42,23 @@ class NumpyHead:
         self._buffer: np.ndarray | None = None
 
     def __call__(
-        self, h: np.ndarray, E: np.ndarray, y: np.ndarray, scale: float = 1.0, grad: bool = True
+        self,
+        h: np.ndarray,
+        E: np.ndarray,
+        y: np.ndarray,
+        scale: float = 1.0,
+        grad: bool = True,
+        grad_E: bool = True,
     ) -> HeadResult:
-        """h (T, d), E (V, d), y (T,) int -> ce_sum and, with ``grad``, scale * its gradients."""
+        """h (T, d), E (V, d), y (T,) int -> ce_sum and, with ``grad``, scale * its gradients
+        (dE only with ``grad_E``: a frozen head skips that half of the backward GEMMs)."""
         h = np.ascontiguousarray(h, dtype=np.float32)
         E = np.ascontiguousarray(E, dtype=np.float32)
         y = np.asarray(y).reshape(-1)
         T, V = h.shape[0], E.shape[0]
         dh = np.empty_like(h) if grad else None
-        dE_t = np.zeros((h.shape[1], V), np.float32) if grad else None  # (d, V): faster GEMM
+        grad_E = grad and grad_E
+        dE_t = np.zeros((h.shape[1], V), np.float32) if grad_E else None  # (d, V): faster GEMM
         ce_sum = 0.0
         for start in range(0, T, self.chunk_tokens):
             rows = slice(start, min(start + self.chunk_tokens, T))
@@ -62,8 +70,9 @@ class NumpyHead:
             if grad:
                 z[np.arange(len(yc)), yc] -= scale  # scale * (softmax - onehot)
                 np.matmul(z, E, out=dh[rows])  # (C, d)
-                dE_t += hc.T @ z  # (d, V)
-        return HeadResult(ce_sum, dh, dE_t.T if grad else None)  # dE: a (V, d) view
+                if grad_E:
+                    dE_t += hc.T @ z  # (d, V)
+        return HeadResult(ce_sum, dh, dE_t.T if grad_E else None)  # dE: a (V, d) view
 
     def _logits(self, hc: np.ndarray, E: np.ndarray) -> np.ndarray:
         shape = (hc.shape[0], E.shape[0])

@@ -12,6 +12,8 @@ with a fast GEMM (Metal, CUDA, Accelerate) should run.
 their gradients dh, dE are computed by :mod:`mlx_kssm.numpy_head`. The body's gradients come
 from the surrogate loss ``sum(h * dh) + w * aux`` (its gradient is the vector-Jacobian product
 of the body with ``dh``), and dE is added to the embedding's gradient, since the head is tied.
+A model whose head is frozen (Phase-Mamba: the base's, ``model.frozen_head_weight()``) gets
+the same with no dE at all.
 On MLX's Linux CPU wheel this is several times faster (README, "Training on a Linux CPU"); the
 tests compare the two flavours' losses and gradients.
 
@@ -28,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .numpy_head import NumpyHead
 
@@ -76,14 +78,26 @@ def global_norm(grads) -> mx.array:
     return mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
 
 
+def frozen_head(model) -> mx.array | None:
+    """The (V, d) output matrix of a model whose head is not trained (Phase-Mamba's frozen
+    base), or None: ``model.frozen_head_weight()`` where the model has one."""
+    weight = getattr(model, "frozen_head_weight", None)
+    return weight() if callable(weight) else None
+
+
 def make_steps(model, optimizer, aux_weight: float, grad_clip: float, head: str = "auto"):
-    """The step functions for ``head`` ("auto", "mlx" or "numpy"); "auto" keeps an untied
-    model in MLX, an explicit "numpy" refuses it (UntiedHeadError)."""
+    """The step functions for ``head`` ("auto", "mlx" or "numpy"); "auto" keeps a model in
+    MLX when its head is neither tied nor frozen, an explicit "numpy" refuses it
+    (UntiedHeadError)."""
     backend = resolve_head_backend(head)
-    if backend == "numpy" and head == "auto" and getattr(model, "TIED_EMBEDDING", None) is None:
+    numpy_able = (
+        getattr(model, "TIED_EMBEDDING", None) is not None or frozen_head(model) is not None
+    )
+    if backend == "numpy" and head == "auto" and not numpy_able:
         backend = "mlx"
     if backend == "numpy":
-        tied_embedding(model)  # refuse an untied model before compiling anything
+        if frozen_head(model) is None:
+            tied_embedding(model)  # refuse an untied model before compiling anything
         return NumpyHeadSteps(model, optimizer, aux_weight, grad_clip)
     return MLXSteps(model, optimizer, aux_weight, grad_clip)
 
@@ -133,7 +147,9 @@ class NumpyHeadSteps:
 
     def __init__(self, model, optimizer, aux_weight: float, grad_clip: float):
         self.model, self.aux_weight = model, aux_weight
-        self.embedding_path, _ = tied_embedding(model)
+        # A frozen head (no gradient for it) or the tied embedding (its gradient is added).
+        self.frozen = frozen_head(model)
+        self.embedding_path = None if self.frozen is not None else tied_embedding(model)[0]
         self.numpy_head = NumpyHead()
         model_state = [model.state]
 
@@ -154,10 +170,18 @@ class NumpyHeadSteps:
 
         self.body, self.body_grads = body, body_grads
         self.apply_update = _compiled_update(model, optimizer, grad_clip)
+        # Buffers a forward pass writes (Phase-Mamba's per-call core phases): a training step
+        # runs the body twice, so the second pass must start from the state the first saw.
+        trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
+        self.buffer_names = [k for k, _ in tree_flatten(model.parameters()) if k not in trainable]
+
+    def _buffers(self) -> list[tuple[str, mx.array]]:
+        values = dict(tree_flatten(self.model.parameters()))
+        return [(k, values[k]) for k in self.buffer_names]
 
     def _head(self, h: mx.array, targets: mx.array, grad: bool):
         B, L, d = h.shape
-        _, E = tied_embedding(self.model)  # (V, d)
+        E = self.frozen if self.frozen is not None else tied_embedding(self.model)[1]  # (V, d)
         mx.eval(h, E)
         return self.numpy_head(
             np.asarray(h).reshape(B * L, d),
@@ -165,18 +189,23 @@ class NumpyHeadSteps:
             np.asarray(targets).reshape(-1),
             scale=1.0 / (B * L),
             grad=grad,
+            grad_E=self.frozen is None,
         )
 
     def micro_step(self, tokens: mx.array, key: mx.array | None):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L) each
+        before = self._buffers()
         h, aux, metrics = self.body(inputs, key)
         out = self._head(h, targets, grad=True)
+        if before:
+            self.model.update(tree_unflatten(before))  # so the buffers advance once per step
         grads = self.body_grads(inputs, key, mx.array(out.dh.reshape(h.shape)))
-        *parents, leaf = self.embedding_path
-        node = grads
-        for part in parents:
-            node = node[part]
-        node[leaf] = node[leaf] + mx.array(out.dE)  # the tied head's share of the gradient
+        if self.embedding_path is not None:
+            *parents, leaf = self.embedding_path
+            node = grads
+            for part in parents:
+                node = node[part]
+            node[leaf] = node[leaf] + mx.array(out.dE)  # the tied head's share of the gradient
         ce = mx.array(out.ce_sum / out.dh.shape[0], dtype=mx.float32)
         return ce + self.aux_weight * aux, (ce, aux, metrics), grads
 

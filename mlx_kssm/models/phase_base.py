@@ -103,8 +103,8 @@ def load_base(folder: str | Path) -> nn.Module:
 
 def with_chunked_scan(base: nn.Module) -> nn.Module:
     """Mamba-1 mixers compute with the chunked selective scan (mamba_lm.ScanMixer: the same
-    parameters and recurrence, ~sqrt(L) sequential steps instead of mlx-lm's per-token loop, which
-    made a core's training step ~24 s at 16 x 64 tokens here). Mamba-2 bases keep mlx-lm's own."""
+    parameters and recurrence, ~sqrt(L) sequential steps instead of mlx-lm's per-token loop;
+    benchmarks/bench_phase_base.py times both). Mamba-2 bases keep mlx-lm's own."""
     from mlx_lm.models import mamba
 
     from .mamba_lm import ScanMixer

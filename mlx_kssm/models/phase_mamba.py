@@ -262,13 +262,7 @@ class Model(nn.Module):
         U), and its batch mean "U_mean". ``force_r`` maps bank -> target R: that core's phases are moved to it before the
         modulation reads them. ``key`` is unused (nothing here draws noise)."""
         h, stats = self.hidden(tokens, cache=cache, key=key, force_r=force_r)
-        logits = self._head(h)
-        stats["U"] = normalized_entropy(logits[:, -1])
-        # One node for the batch mean that aux_loss and metrics both return: two identical
-        # mx.mean nodes among the outputs of a compiled value_and_grad make MLX 0.32's
-        # compile fail ("_Map_base::at").
-        stats["U_mean"] = mx.mean(stats["U"])
-        return logits, stats
+        return self._head(h), stats
 
     def hidden(
         self,
@@ -278,7 +272,8 @@ class Model(nn.Module):
         key: mx.array | None = None,
         force_r: dict[int, float] | None = None,
     ) -> tuple[mx.array, dict[str, mx.array]]:
-        """Everything but the head: the base's final-normed hidden states and {"R"}."""
+        """Everything but the head: the base's final-normed hidden states, and stats "R"
+        (B, L, n_banks), "U" (B,) and "U_mean" (forward's docstring)."""
         force_r = self._checked_force(force_r)
         base_cache, phases = None, None
         if cache is not None:
@@ -291,7 +286,13 @@ class Model(nn.Module):
             h = self._base.backbone(tokens, base_cache)
         finally:
             self._call = None
-        return h, {"R": mx.stack(call.R, axis=-1)}
+        # U needs only the last position's logits, so it is computed here: a step whose head
+        # runs outside MLX (steps.py, numpy) still gets U, R·U and the U term from hidden().
+        U = normalized_entropy(self._head(h[:, -1]))  # (B,)
+        # One node for the batch mean that aux_loss and metrics both return: two identical
+        # mx.mean nodes among the outputs of a compiled value_and_grad make MLX 0.32's
+        # compile fail ("_Map_base::at").
+        return h, {"R": mx.stack(call.R, axis=-1), "U": U, "U_mean": mx.mean(U)}
 
     def __call__(self, tokens: mx.array, cache: list | None = None, return_R: bool = False, **kw):
         """logits (mlx-lm's convention), or (logits, R_mean, R) with return_R."""
@@ -337,6 +338,16 @@ class Model(nn.Module):
         if getattr(base.args, "tie_word_embeddings", True):
             return base.backbone.embeddings.as_linear(h)
         return base.lm_head(h)
+
+    def frozen_head_weight(self) -> mx.array | None:
+        """The base's output matrix (V, d), so a training step can run the head outside MLX
+        (steps.py); None when the head is not a plain dense matrix (quantized, or a bias)."""
+        base = self._base
+        if getattr(base.args, "tie_word_embeddings", True):
+            head = base.backbone.embeddings
+            return head.weight if type(head) is nn.Embedding else None
+        head = base.lm_head
+        return head.weight if type(head) is nn.Linear and "bias" not in head else None
 
     def _checked_force(self, force_r: dict[int, float] | None) -> dict[int, float]:
         for bank, target in (force_r or {}).items():
