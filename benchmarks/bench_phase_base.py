@@ -9,6 +9,10 @@ tied head is left out: it is the same matmul for both mixers and at this size it
 (with it, both variants took ~15 s forward and ~44-45 s forward + backward here, under load).
 Both variants hold the same weights; their hidden states are compared too.
 
+With --core-step it also times what a Phase-Mamba core's training pays per micro-step on that
+base (a multiplicative core at the middle layer, chunked mixer): the all-MLX step against the
+numpy-head step (steps.py; the frozen head's logits and dh in numpy), in the same run.
+
     python benchmarks/bench_phase_base.py [--batch 16] [--length 64] [--hidden 64]
         [--layers 4] [--vocab 100277] [--repeats 3]
 """
@@ -46,6 +50,7 @@ def main(argv=None) -> None:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--vocab", type=int, default=100_277)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--core-step", action="store_true", help="also time a core's training step")
     a = p.parse_args(argv)
     if min(a.batch, a.length, a.hidden, a.layers, a.vocab, a.repeats) < 1:
         raise SystemExit("error: every size and --repeats must be at least 1")
@@ -90,6 +95,35 @@ def main(argv=None) -> None:
         f"| ratio ({ref.split()[0]} / chunked) | {ref_t[0] / ours_t[0]:.2f}x | "
         f"{ref_t[1] / ours_t[1]:.2f}x |"
     )
+    if a.core_step:
+        core_step(a)
+
+
+def core_step(a) -> None:
+    """Median seconds of one core micro-step, all-MLX vs numpy head, on a random base."""
+    import mlx.optimizers as optim
+
+    import mlx_kssm
+    from mlx_kssm.models.phase_mamba import ModelArgs
+    from mlx_kssm.steps import MLXSteps, NumpyHeadSteps
+
+    args = ModelArgs(
+        vocab_size=a.vocab, coupling="multiplicative", random_base_hidden=a.hidden,
+        random_base_layers=a.layers,
+    )  # fmt: skip
+    model = mlx_kssm.build_model(args)
+    model.train()
+    optimizer = optim.AdamW(learning_rate=1e-3)
+    optimizer.init(model.trainable_parameters())
+    tokens = mx.random.randint(0, a.vocab, (a.batch, a.length + 1), key=mx.random.key(2))
+    print("| core micro-step | seconds | speed vs all-MLX |")
+    print("|---|---|---|")
+    reference = None
+    for name, flavour in (("all-MLX", MLXSteps), ("numpy head", NumpyHeadSteps)):
+        steps = flavour(model, optimizer, 0.0, 1.0)
+        seconds = timed(lambda steps=steps: steps.micro_step(tokens, None)[2], a.repeats)
+        reference = reference or seconds
+        print(f"| {name} | {seconds:.3f} | {reference / seconds:.2f}x |")
 
 
 if __name__ == "__main__":
