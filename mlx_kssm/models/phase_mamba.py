@@ -261,8 +261,9 @@ class Model(nn.Module):
         normalised entropy of the last position's next-token distribution (as the original's
         U), and its batch mean "U_mean". ``force_r`` maps bank -> target R: that core's phases are moved to it before the
         modulation reads them. ``key`` is unused (nothing here draws noise)."""
-        h, stats = self.hidden(tokens, cache=cache, key=key, force_r=force_r)
-        return self._head(h), stats
+        h, R = self._body(tokens, cache, force_r)
+        logits = self._head(h)
+        return logits, self._stats(R, logits[:, -1])
 
     def hidden(
         self,
@@ -272,8 +273,14 @@ class Model(nn.Module):
         key: mx.array | None = None,
         force_r: dict[int, float] | None = None,
     ) -> tuple[mx.array, dict[str, mx.array]]:
-        """Everything but the head: the base's final-normed hidden states, and stats "R"
-        (B, L, n_banks), "U" (B,) and "U_mean" (forward's docstring)."""
+        """Everything but the head: the base's final-normed hidden states, and the stats of
+        forward. U needs only the last position's logits, so a step whose head runs outside MLX
+        (steps.py, numpy) still gets U, R·U and the U term from here."""
+        h, R = self._body(tokens, cache, force_r)
+        return h, self._stats(R, self._head(h[:, -1]))
+
+    def _body(self, tokens: mx.array, cache: list | None, force_r) -> tuple[mx.array, mx.array]:
+        """tokens (B, L) -> the base's final-normed hidden states (B, L, d) and R (B, L, n_banks)."""
         force_r = self._checked_force(force_r)
         base_cache, phases = None, None
         if cache is not None:
@@ -286,13 +293,15 @@ class Model(nn.Module):
             h = self._base.backbone(tokens, base_cache)
         finally:
             self._call = None
-        # U needs only the last position's logits, so it is computed here: a step whose head
-        # runs outside MLX (steps.py, numpy) still gets U, R·U and the U term from hidden().
-        U = normalized_entropy(self._head(h[:, -1]))  # (B,)
+        return h, mx.stack(call.R, axis=-1)
+
+    @staticmethod
+    def _stats(R: mx.array, last_logits: mx.array) -> dict[str, mx.array]:
+        U = normalized_entropy(last_logits)  # (B,)
         # One node for the batch mean that aux_loss and metrics both return: two identical
         # mx.mean nodes among the outputs of a compiled value_and_grad make MLX 0.32's
         # compile fail ("_Map_base::at").
-        return h, {"R": mx.stack(call.R, axis=-1), "U": U, "U_mean": mx.mean(U)}
+        return {"R": R, "U": U, "U_mean": mx.mean(U)}
 
     def __call__(self, tokens: mx.array, cache: list | None = None, return_R: bool = False, **kw):
         """logits (mlx-lm's convention), or (logits, R_mean, R) with return_R."""
