@@ -176,6 +176,8 @@ class NumpyHeadSteps:
         self.buffer_names = [k for k, _ in tree_flatten(model.parameters()) if k not in trainable]
 
     def _buffers(self) -> list[tuple[str, mx.array]]:
+        if not self.buffer_names:  # K-SSM: nothing to save on every step
+            return []
         values = dict(tree_flatten(self.model.parameters()))
         return [(k, values[k]) for k in self.buffer_names]
 
