@@ -12,6 +12,8 @@ import statistics
 import subprocess
 from pathlib import Path
 
+import scipy.stats
+
 REPO = Path(__file__).resolve().parent.parent
 NOTES = ("<!-- notes: kept when the table is rewritten -->", "<!-- /notes -->")
 KEYS = [("val_ce", 3), ("val_R", 3), ("val_u", 3), ("tok_s", 0), ("wall_s", 0)]  # table columns
@@ -83,10 +85,33 @@ pval = lambda t: f"{t['p_holm']:.2g}" if t else "n/a"  # noqa: E731
 # ---------------------------------------------------------------------------- the table
 
 
+def paired(ces: dict[str, dict[int, float]], a: str, b: str) -> str | None:
+    """a vs b seed by seed: a seed fixes the data order for every configuration, so the
+    per-seed differences are the fair comparison. None below two shared seeds."""
+    seeds = sorted(set(ces.get(a, {})) & set(ces.get(b, {})))
+    if len(seeds) < 2:
+        return None
+    diffs = [ces[a][s] - ces[b][s] for s in seeds]
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = scipy.stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    p = scipy.stats.ttest_rel([ces[a][s] for s in seeds], [ces[b][s] for s in seeds]).pvalue
+    lower = sum(d < 0 for d in diffs)
+    each = ", ".join(f"{s}: {d:+.3f}" for s, d in zip(seeds, diffs, strict=True))
+    return (
+        f"lower in {lower} of {len(seeds)} seeds ({each}); mean difference {mean:+.3f} "
+        f"(95% CI {mean - half:+.3f}..{mean + half:+.3f}, paired t-test p = {p:.2g})"
+    )
+
+
 def findings(
-    means: dict[str, float], labels: dict, bigram: float | None, n_seeds: int
+    means: dict[str, float],
+    labels: dict,
+    bigram: float | None,
+    n_seeds: int,
+    ces: dict[str, dict[int, float]] | None = None,
 ) -> list[str]:
-    """Plain statements of what the measured means say (no significance claimed)."""
+    """Plain statements of what the measured means say, and where two configurations share
+    at least two seeds, their seed-by-seed difference (ces[config][seed] = val CE)."""
     out = []
 
     def compare(a, b, what):
@@ -94,6 +119,9 @@ def findings(
             diff = means[a] - means[b]
             side = "below" if diff < 0 else "above"
             out.append(f"- {what}: {labels[a]} is {side} {labels[b]} by {abs(diff):.3f}")
+            by_seed = paired(ces or {}, a, b)
+            if by_seed:
+                out.append(f"  - seed by seed, {short[a]} minus {short[b]}: {by_seed}")
 
     short = {c: label.split()[0] for c, label in labels.items()}  # "(2)"
     for ssm, v3, loss in (("ssm", "v3", ""), ("ssm-ce", "v3-ce", ", CE only")):
@@ -145,6 +173,7 @@ def table(a, command: str, results, labels, baselines, train_config, interventio
         "|---|---|---|---|---|---|---|---|---|",
     ]
     means = {}
+    ces = {c: {s: r["val_ce"] for s, r in results[c].items() if r} for c in a.configs}
     for c in a.configs:
         got = [r for r in results[c].values() if r]
         if not got:
@@ -165,7 +194,7 @@ def table(a, command: str, results, labels, baselines, train_config, interventio
         "",
         "What the means say:",
         "",
-        *findings(means, labels, bigram, n),
+        *findings(means, labels, bigram, n, ces),
         "",
         kept.strip(),
         NOTES[1],

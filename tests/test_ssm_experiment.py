@@ -87,3 +87,21 @@ def test_findings_compare_the_ce_only_rows_too():
     assert "(2b) vs (4), do oscillators help: (2b) ssm bistable, CE only is below (4)" in text
     assert "(2) vs" not in text  # no row (2): nothing said about it
     assert "1 seed(s)" in text
+
+
+def test_findings_compare_shared_seeds_pairwise():
+    import scipy.stats
+
+    labels = {c: label for c, (label, _) in exp.CONFIGS.items()}
+    ces = {"ssm-ce": {42: 5.33, 7: 5.36, 1: 5.35}, "ssm-nobank": {42: 5.39, 7: 5.35, 1: 5.40}}
+    means = {c: sum(v.values()) / 3 for c, v in ces.items()}
+    text = "\n".join(exp.ssm_report.findings(means, labels, 5.84, 3, ces))
+    assert "seed by seed, (2b) minus (4): lower in 2 of 3 seeds" in text
+    assert "1: -0.050, 7: +0.010, 42: -0.060" in text
+    p = scipy.stats.ttest_rel([5.35, 5.36, 5.33], [5.40, 5.35, 5.39]).pvalue
+    assert f"p = {p:.2g}" in text and "mean difference -0.033" in text
+    assert "seed(s)" not in text  # three seeds: the one-seed caveat is gone
+    one_shared = {"ssm-ce": {42: 5.33}, "ssm-nobank": {42: 5.39, 7: 5.35}}
+    assert "seed by seed" not in "\n".join(
+        exp.ssm_report.findings(means, labels, 5.84, 2, one_shared)
+    )
