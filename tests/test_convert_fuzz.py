@@ -20,7 +20,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from test_convert import (
+from convert_helpers import (
     one_storage_state,
     sgd_checkpoint,
     source_weights,

@@ -1,5 +1,5 @@
 """Data-parallel training over mx.distributed: two local ranks (ring backend, loopback, free
-ports picked at random) against one process. Every run is the tiny model of test_training.py.
+ports picked at random) against one process. Every run is the tiny model of training_helpers.py.
 
 Each launch costs two Python start-ups, so the cases share launches: one launch trains three
 runs (noise on with the numpy head; noise off with the MLX head; NaN gradients on rank 1), one
@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_training import MODEL_FLAGS, RUN_FLAGS, args_for, rows, synthetic_stream
+from training_helpers import MODEL_FLAGS, RUN_FLAGS, args_for, rows, synthetic_stream
 
 from mlx_kssm.data import write_token_folder
 from mlx_kssm.distributed import Ranks, launched_as_rank

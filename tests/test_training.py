@@ -1,5 +1,6 @@
 """Training: schedule, exact resume (k + resume to n == n straight, after --steps k, Ctrl+C or
-kill -9), checkpoints and best/, the lock, non-finite steps, and bad input at the CLI.
+kill -9), checkpoints and best/, the lock. Non-finite steps and bad input at the CLI are covered
+by test_training_errors.py.
 
 Every run here is a tiny model (vocabulary 128) on synthetic tokens so that it takes seconds."""
 
@@ -20,106 +21,17 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from training_helpers import MODEL_FLAGS, RUN_FLAGS, args_for, resume_cli, rows
+from training_helpers import token_data as token_data  # the module-scoped fixture
 from typer.testing import CliRunner
 
 from mlx_kssm import load, training
 from mlx_kssm.cli.app import app
-from mlx_kssm.config import TrainArgs, model_args_for, train_args_for
-from mlx_kssm.data import write_token_folder
+from mlx_kssm.config import TrainArgs
 from mlx_kssm.io import checkpoint_dirs
 from mlx_kssm.run_folder import load_trainer_state
 from mlx_kssm.steps import resolve_head_backend
-from mlx_kssm.training import (
-    Trainer,
-    TrainingInputError,
-    TrainingStopped,
-    learning_rate,
-    resolve_args,
-    run_training,
-)
-
-MODEL = dict(
-    vocab_size=128, hidden_dim=32, n_layers=2, n_oscillators=16, n_harmonics=4, max_positions=64
-)
-# The same settings as CLI flags, for the runs in a subprocess.
-MODEL_FLAGS = [
-    "--vocab-size",
-    "128",
-    "--hidden-dim",
-    "32",
-    "--n-layers",
-    "2",
-    "--n-oscillators",
-    "16",
-    "--n-harmonics",
-    "4",
-    "--max-positions",
-    "64",
-]
-RUN = dict(
-    preset="tiny",
-    batch_size=4,
-    seq_length=16,
-    lr=1e-2,
-    warmup=3,
-    eval_every=4,
-    eval_batches=2,
-    save_every=4,
-    keep_last=2,
-    log_every=2,
-    sample_tokens=4,
-)
-RUN_FLAGS = [
-    "--preset",
-    "tiny",
-    "--batch-size",
-    "4",
-    "--seq-length",
-    "16",
-    "--lr",
-    "1e-2",
-    "--warmup",
-    "3",
-    "--eval-every",
-    "4",
-    "--eval-batches",
-    "2",
-    "--save-every",
-    "4",
-    "--keep-last",
-    "2",
-    "--log-every",
-    "2",
-    "--sample-tokens",
-    "4",
-]
-
-
-def synthetic_stream(n: int, seed: int) -> np.ndarray:
-    """Mostly next = 3 * current + 1 (mod 128): something a bigram-like model can learn."""
-    rng = np.random.default_rng(seed)
-    out = np.empty(n, dtype=np.int32)
-    out[0] = 1
-    noise = rng.random(n) < 0.1
-    for i in range(1, n):
-        out[i] = rng.integers(128) if noise[i] else (3 * out[i - 1] + 1) % 128
-    return out
-
-
-@pytest.fixture(scope="module")
-def token_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data") / "tokens"
-    return write_token_folder(
-        folder, {"train": synthetic_stream(4_000, 0), "valid": synthetic_stream(600, 1)}
-    )
-
-
-def args_for(token_data, out, **overrides):
-    """What `kssm train --preset tiny` with RUN_FLAGS and MODEL_FLAGS resolves to; overrides
-    may replace any of those settings."""
-    settings = {k: v for k, v in RUN.items() if k != "preset"}
-    settings.update(data=str(token_data), out=str(out), **overrides)
-    return train_args_for("tiny", **settings), model_args_for("tiny", **MODEL)
+from mlx_kssm.training import TrainingInputError, learning_rate, resolve_args, run_training
 
 
 def final_arrays(run_dir: Path) -> dict[str, np.ndarray]:
@@ -135,11 +47,6 @@ def assert_identical(run_a: Path, run_b: Path) -> None:
     assert a.keys() == b.keys() and len(a) > 30
     worst = max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
     assert worst == 0.0
-
-
-def rows(run_dir: Path, kind: str | None = None) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if kind is None or r["kind"] == kind]
 
 
 # --------------------------------------------------------------------------- schedule
@@ -229,14 +136,6 @@ def trained_steps(run_dir: Path) -> int:
         return max((r["step"] for r in rows(run_dir, "train")), default=0)
     except (OSError, json.JSONDecodeError):
         return 0
-
-
-def resume_cli(out: Path, steps: int):
-    result = CliRunner().invoke(
-        app, ["train", "--resume", "--out", str(out), "--steps", str(steps)]
-    )
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "kill-9"])
@@ -387,159 +286,3 @@ def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(token_data, tmp_path)
     lock.write_text(json.dumps({"pid": dead.pid, "host": host, "since": "then"}))
     run_training(*args_for(token_data, out, steps=2))
     assert not lock.exists() and checkpoint_dirs(out)
-
-
-# --------------------------------------------------------------------------- non-finite
-
-
-def inject_nan(monkeypatch, bad_steps):
-    real = Trainer.gradients
-
-    def gradients(self, stop=None):
-        terms, grads = real(self, stop)
-        if self.state.step in bad_steps:
-            terms["loss"] = terms["loss"] * float("nan")
-        return terms, grads
-
-    monkeypatch.setattr(Trainer, "gradients", gradients)
-
-
-def test_a_nonfinite_step_is_skipped_and_counted(token_data, tmp_path, monkeypatch):
-    inject_nan(monkeypatch, bad_steps={5})
-    out = run_training(*args_for(token_data, tmp_path / "run", steps=8))
-    assert sum(r["skipped"] for r in rows(out, "train")) == 1
-    opt = mx.load(str(checkpoint_dirs(out)[-1] / "optimizer.safetensors"))
-    assert int(opt["step"]) == 7  # 8 steps, one update skipped
-    assert load_trainer_state(checkpoint_dirs(out)[-1])["nonfinite_total"] == 1
-
-
-def test_nonfinite_steps_in_a_row_stop_and_keep_the_last_checkpoint(
-    token_data, tmp_path, monkeypatch
-):
-    inject_nan(monkeypatch, bad_steps=set(range(5, 100)))
-    train, model = args_for(token_data, tmp_path / "run", steps=20, max_nonfinite=3)
-    with pytest.raises(TrainingStopped, match="3 steps in a row"):
-        run_training(train, model)
-    out = tmp_path / "run"
-    assert [p.name for p in checkpoint_dirs(out)] == ["step_00000004"]
-    assert rows(out)[-1] == {"kind": "stop", "step": 8, "reason": "nonfinite"}
-    assert not (out / "train.lock").exists()
-
-
-# --------------------------------------------------------------------------- bad input
-
-
-def one_error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2 and len(lines) == 1, result.output
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    return lines[0]
-
-
-@pytest.mark.parametrize(
-    "case, words",
-    [
-        ("missing data", "does not exist"),
-        ("empty data", "is empty"),
-        ("too little data", "too little training data"),
-        ("seq over positions", "max_positions"),
-        ("out under a file", "not a folder"),
-        ("checkpoint without --resume", "only read with --resume"),
-        ("nothing to resume", "nothing to resume"),
-        ("unknown preset", "unknown preset"),
-    ],
-)
-def test_bad_input_is_one_line_exit_2_nothing_written(
-    token_data, tmp_path, monkeypatch, case, words
-):
-    monkeypatch.setenv("KSSM_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "run"
-    data = str(token_data)
-    extra = []
-    if case == "missing data":
-        data = str(tmp_path / "no-such-folder")
-    elif case == "empty data":
-        (tmp_path / "empty.txt").write_text("")
-        data = str(tmp_path / "empty.txt")
-    elif case == "too little data":
-        data = str(
-            write_token_folder(tmp_path / "small", {"train": np.arange(40), "valid": np.arange(40)})
-        )
-    elif case == "seq over positions":
-        extra = ["--seq-length", "65"]
-    elif case == "out under a file":
-        (tmp_path / "file").write_text("x")
-        out = tmp_path / "file" / "run"
-    elif case == "checkpoint without --resume":
-        extra = [str(tmp_path)]
-    elif case == "nothing to resume":
-        extra = ["--resume"]
-    elif case == "unknown preset":
-        extra = ["--preset", "huge"]
-    args = ["train", "--data", data, "--out", str(out), *RUN_FLAGS, *MODEL_FLAGS, "--steps", "2"]
-    if case == "unknown preset":
-        args.remove("tiny")
-        args.remove("--preset")
-    result = CliRunner().invoke(app, args + extra)
-    assert words in one_error_line(result)
-    assert not out.exists() and not (tmp_path / "cache").exists()
-
-
-def test_a_fresh_run_refuses_a_folder_that_holds_a_run(token_data, tmp_path):
-    out = run_training(*args_for(token_data, tmp_path / "run", steps=2))
-    result = CliRunner().invoke(
-        app, ["train", "--data", str(token_data), "--out", str(out), *RUN_FLAGS, *MODEL_FLAGS]
-    )
-    assert "--resume" in one_error_line(result)
-
-
-def test_nonfinite_stop_at_the_cli_is_one_line_exit_1(token_data, tmp_path, monkeypatch):
-    inject_nan(monkeypatch, bad_steps=set(range(100)))
-    result = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "--data",
-            str(token_data),
-            "--out",
-            str(tmp_path / "run"),
-            *RUN_FLAGS,
-            *MODEL_FLAGS,
-            "--steps",
-            "10",
-            "--max-nonfinite",
-            "2",
-        ],
-    )
-    assert result.exit_code == 1
-    assert "not finite for 2 steps in a row" in result.output
-
-
-def test_every_train_args_field_and_the_pinned_flags_are_options():
-    import dataclasses
-
-    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
-    flags = {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainArgs)}
-    flags |= {"--resume", "--monostable"}
-    missing = [flag for flag in sorted(flags) if flag not in result.output]
-    assert result.exit_code == 0 and not missing
-
-
-def test_resume_with_a_longer_schedule_says_the_learning_rate_jumps(token_data, tmp_path):
-    out = run_training(*args_for(token_data, tmp_path / "run", steps=4))  # cosine ends at 4
-    result = resume_cli(out, 8)
-    assert "the schedule changed since the checkpoint" in result.output
-    assert load_trainer_state(checkpoint_dirs(out)[-1])["step"] == 8
-
-
-def test_resuming_an_older_checkpoint_of_a_run_must_branch_elsewhere(token_data, tmp_path):
-    out = run_training(*args_for(token_data, tmp_path / "run", steps=8))
-    older = checkpoint_dirs(out)[0]  # step 4; step 8 exists
-    result = CliRunner().invoke(app, ["train", "--resume", str(older), "--steps", "10"])
-    assert "checkpoints after step_00000004" in one_error_line(result)
-    branch = tmp_path / "branch"
-    result = CliRunner().invoke(
-        app, ["train", "--resume", str(older), "--out", str(branch), "--steps", "6"]
-    )
-    assert result.exit_code == 0, result.output
-    assert [p.name for p in checkpoint_dirs(branch)] == ["step_00000006"]

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from test_training import MODEL_FLAGS, RUN_FLAGS, args_for, inject_nan, rows, synthetic_stream
+from training_helpers import MODEL_FLAGS, RUN_FLAGS, args_for, inject_nan, rows, synthetic_stream
 from typer.testing import CliRunner
 
 from mlx_kssm import run_folder, trainer, training
