@@ -19,9 +19,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from training_helpers import MODEL_FLAGS, RUN_FLAGS, args_for, rows, synthetic_stream
+from training_helpers import MODEL_FLAGS, RUN_FLAGS, args_for, rows
+from training_helpers import token_data as token_data  # the module-scoped fixture
 
-from mlx_kssm.data import write_token_folder
 from mlx_kssm.distributed import Ranks, launched_as_rank
 from mlx_kssm.io import checkpoint_dirs
 from mlx_kssm.run_folder import load_trainer_state
@@ -54,14 +54,6 @@ for job in json.loads(sys.argv[1]):
     except TrainingStopped as err:
         print(err)
 """
-
-
-@pytest.fixture(scope="module")
-def token_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data") / "tokens"
-    return write_token_folder(
-        folder, {"train": synthetic_stream(4_000, 0), "valid": synthetic_stream(600, 1)}
-    )
 
 
 class Launch:

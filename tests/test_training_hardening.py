@@ -8,7 +8,8 @@ import os
 
 import numpy as np
 import pytest
-from training_helpers import MODEL_FLAGS, RUN_FLAGS, args_for, inject_nan, rows, synthetic_stream
+from training_helpers import MODEL_FLAGS, RUN_FLAGS, args_for, inject_nan, rows
+from training_helpers import token_data as token_data  # the module-scoped fixture
 from typer.testing import CliRunner
 
 from mlx_kssm import run_folder, trainer, training
@@ -16,13 +17,6 @@ from mlx_kssm.cli.app import app
 from mlx_kssm.data import DataError, prepare_tokens, resolve_source, write_token_folder
 from mlx_kssm.run_folder import checkpoint_dirs, load_trainer_state
 from mlx_kssm.training import TrainingInputError, TrainingStopped, run_training
-
-
-@pytest.fixture(scope="module")
-def token_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data") / "tokens"
-    streams = {"train": synthetic_stream(4_000, 0), "valid": synthetic_stream(600, 1)}
-    return write_token_folder(folder, streams)
 
 
 def one_line(result) -> str:
