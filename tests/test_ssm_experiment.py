@@ -105,3 +105,25 @@ def test_findings_compare_shared_seeds_pairwise():
     assert "seed by seed" not in "\n".join(
         exp.ssm_report.findings(means, labels, 5.84, 2, one_shared)
     )
+
+
+def test_table_names_each_configurations_seed_count_when_they_differ(tmp_path):
+    (tmp_path / "train.txt").write_text("a\n")
+    (tmp_path / "valid.txt").write_text("a\n")
+    a = exp.parse_args(["--data", str(tmp_path), "--steps", "20", "--seeds", "42,7,1"])
+    a.configs, a.table = ["v3-ce", "ssm-ce"], tmp_path / "T.md"
+    labels = {c: label for c, (label, _) in exp.CONFIGS.items()}
+
+    def run(ce):
+        paths = {"ce_path": [(20, ce)], "R_path": [(20, 0.5)], "sample": "s"}
+        return {"val_ce": ce, "val_R": 0.5, "val_u": 1.0, "tok_s": 1.0, "wall_s": 1.0,
+                "params": 10, "skipped": 0, "started": "t", **paths}  # fmt: skip
+
+    results = {"v3-ce": {42: run(5.8), 7: None, 1: None}, "ssm-ce": {s: run(5.3) for s in a.seeds}}
+    text = exp.ssm_report.table(a, "cmd", results, labels, (7.48, 5.84), None, {})
+    assert "**Seeds per configuration: (1b) 1, (2b) 3; the issue asks for three each.**" in text
+    assert "With 1 seed(s) (the fewest of any configuration here)" in text
+    results["v3-ce"] = {s: run(5.8 + s / 1000) for s in a.seeds}
+    text = exp.ssm_report.table(a, "cmd", results, labels, (7.48, 5.84), None, {})
+    assert "Seeds per configuration" not in text and "preliminary" not in text
+    assert "seed(s)" not in text and "lower in 3 of 3 seeds" in text
