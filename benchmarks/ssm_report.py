@@ -133,8 +133,8 @@ def findings(
     compare("ssm", "ssm-mono", "(2) vs (3), bistable vs monostable")
     if n_seeds < 3:
         out.append(
-            f"- With {n_seeds} seed(s) (the fewest of any configuration here) seed noise is not "
-            "estimated for every row. On CE alone the "
+            f"- {n_seeds} seed(s), the fewest of any configuration here, cannot estimate seed "
+            "noise. On CE alone the "
             "300-step runs' seed spread was 0.003-0.048 nats per configuration "
             "(benchmarks/SSM_RESULTS.md); with the bistable regulariser training at this "
             "learning rate is chaotic (a one-ulp-level change moved a 300-step v3 result by up "

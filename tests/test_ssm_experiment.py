@@ -122,7 +122,7 @@ def test_table_names_each_configurations_seed_count_when_they_differ(tmp_path):
     results = {"v3-ce": {42: run(5.8), 7: None, 1: None}, "ssm-ce": {s: run(5.3) for s in a.seeds}}
     text = exp.ssm_report.table(a, "cmd", results, labels, (7.48, 5.84), None, {})
     assert "**Seeds per configuration: (1b) 1, (2b) 3; the issue asks for three each.**" in text
-    assert "With 1 seed(s) (the fewest of any configuration here)" in text
+    assert "1 seed(s), the fewest of any configuration here" in text
     results["v3-ce"] = {s: run(5.8 + s / 1000) for s in a.seeds}
     text = exp.ssm_report.table(a, "cmd", results, labels, (7.48, 5.84), None, {})
     assert "Seeds per configuration" not in text and "preliminary" not in text
