@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import collections
 import math
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -107,3 +109,15 @@ def one_storage_state(n_layers: int) -> dict:
 
 def run_cli(*args):
     return CliRunner().invoke(app, ["convert", *map(str, args)])
+
+
+def convert_in_a_process(source, out, timeout: float) -> subprocess.CompletedProcess:
+    """`kssm convert SOURCE OUT` in a real child process: for what CliRunner cannot show
+    (a blocking open, code a pickle would run in the converting process)."""
+    code = "from mlx_kssm.cli.app import main; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, "convert", str(source), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from convert_helpers import (
+    convert_in_a_process,
     loaded_weights,
     one_storage_state,
     source_weights,
@@ -147,13 +146,7 @@ def test_run_folder_without_numbered_checkpoints(tmp_path):
 def test_a_fifo_source_is_refused_without_waiting(tmp_path):
     fifo = tmp_path / "s.pt"
     os.mkfifo(fifo)
-    code = "from mlx_kssm.cli.app import main; main()"
-    proc = subprocess.run(
-        [sys.executable, "-c", code, "convert", str(fifo), str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = convert_in_a_process(fifo, tmp_path / "out", timeout=60)
     assert proc.returncode == 2 and "is a FIFO, not a checkpoint file" in proc.stderr
     assert proc.stderr.count("\n") == 1
 

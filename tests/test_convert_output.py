@@ -14,7 +14,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from convert_helpers import run_cli, source_weights, state_dict, training_checkpoint
+from convert_helpers import (
+    convert_in_a_process,
+    run_cli,
+    source_weights,
+    state_dict,
+    training_checkpoint,
+)
 from torch_zip_writer import (
     Global,
     Reduce,
@@ -218,13 +224,7 @@ def test_hostile_file_in_a_real_process(tmp_path):
     marker = tmp_path / "pwned"
     payload = Reduce(eval, f"open({str(marker)!r}, 'w').close()")
     evil = write_pickle_archive(tmp_path / "evil.pt", pickle.dumps(payload, fix_imports=False))
-    code = "from mlx_kssm.cli.app import main; main()"
-    proc = subprocess.run(
-        [sys.executable, "-c", code, "convert", str(evil), str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = convert_in_a_process(evil, tmp_path / "out", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
     assert "builtins.eval" in proc.stderr
