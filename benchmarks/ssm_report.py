@@ -91,10 +91,11 @@ def paired(ces: dict[str, dict[int, float]], a: str, b: str) -> str | None:
     seeds = sorted(set(ces.get(a, {})) & set(ces.get(b, {})))
     if len(seeds) < 2:
         return None
-    diffs = [ces[a][s] - ces[b][s] for s in seeds]
+    xs, ys = [ces[a][s] for s in seeds], [ces[b][s] for s in seeds]
+    diffs = [x - y for x, y in zip(xs, ys, strict=True)]
     mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
     half = scipy.stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
-    p = scipy.stats.ttest_rel([ces[a][s] for s in seeds], [ces[b][s] for s in seeds]).pvalue
+    p = scipy.stats.ttest_rel(xs, ys).pvalue
     lower = sum(d < 0 for d in diffs)
     each = ", ".join(f"{s}: {d:+.3f}" for s, d in zip(seeds, diffs, strict=True))
     return (
@@ -148,12 +149,13 @@ def table(a, command: str, results, labels, baselines, train_config, interventio
     labels[config], baselines (unigram, bigram), a run's train_config.json, and the
     `kssm intervene` JSON results by seed."""
     (unigram, bigram), t = baselines, train_config
-    counts = {c: sum(1 for r in results[c].values() if r) for c in a.configs}
-    n = min((k for k in counts.values() if k), default=0)  # the fewest seeds of any run config
+    ces = {c: {s: r["val_ce"] for s, r in results[c].items() if r} for c in a.configs}
+    counts = {c: len(by_seed) for c, by_seed in ces.items() if by_seed}  # configs that ran
+    n = min(counts.values(), default=0)  # the fewest seeds of any configuration
     done = [(c, s, r) for c in a.configs for s, r in results[c].items() if r]
     lines = [f"# Issue 11: K-SSM with a selective scan vs K-SSM v3 on {a.data.name}", ""]
-    if n < 3 and len({k for k in counts.values() if k}) > 1:
-        each = ", ".join(f"{labels[c].split()[0]} {k}" for c, k in counts.items() if k)
+    if n < 3 and len(set(counts.values())) > 1:
+        each = ", ".join(f"{labels[c].split()[0]} {k}" for c, k in counts.items())
         lines += [f"**Seeds per configuration: {each}; the issue asks for three each.**", ""]
     elif n < 3:
         seeds = "One seed" if n == 1 else f"{n} seeds"
@@ -178,7 +180,6 @@ def table(a, command: str, results, labels, baselines, train_config, interventio
         "|---|---|---|---|---|---|---|---|---|",
     ]
     means = {}
-    ces = {c: {s: r["val_ce"] for s, r in results[c].items() if r} for c in a.configs}
     for c in a.configs:
         got = [r for r in results[c].values() if r]
         if not got:
